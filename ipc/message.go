@@ -1,0 +1,144 @@
+package ipc
+
+import (
+	"bytes"
+	"fmt"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Version is the protocol version this supervisor speaks.
+const Version = 1
+
+// Message types (the "t" key).
+const (
+	TGen      = "gen"
+	TCancel   = "cancel"
+	TTokenize = "tokenize"
+	TPing     = "ping"
+	TShutdown = "shutdown"
+	THello    = "hello"
+	TTokens   = "tokens"
+	TTok      = "tok"
+	TDone     = "done"
+	TError    = "error"
+	TPong     = "pong"
+)
+
+// ChatMessage is one entry of a tokenize request's messages.
+type ChatMessage struct {
+	Role    string `msgpack:"role"`
+	Content string `msgpack:"content"`
+}
+
+// Message is the union of every frame body. Only the fields that
+// docs/protocol.md lists for T are meaningful; zero values are omitted on the
+// wire. Field order here is wire order.
+type Message struct {
+	T string `msgpack:"t"`
+
+	// hello
+	V        int               `msgpack:"v,omitempty"`
+	PID      int               `msgpack:"pid,omitempty"`
+	Model    string            `msgpack:"model,omitempty"`
+	Ctx      int               `msgpack:"ctx,omitempty"`
+	Vocab    int               `msgpack:"vocab,omitempty"`
+	EOS      []int32           `msgpack:"eos,omitempty"`
+	Caps     []string          `msgpack:"caps,omitempty"`
+	Versions map[string]string `msgpack:"versions,omitempty"`
+
+	ID  uint64 `msgpack:"id,omitempty"`
+	Seq uint64 `msgpack:"seq,omitempty"`
+
+	// gen
+	Prompt            []int32           `msgpack:"prompt,omitempty"`
+	MaxTokens         int               `msgpack:"max_tokens,omitempty"`
+	Temperature       float64           `msgpack:"temperature,omitempty"`
+	TopP              float64           `msgpack:"top_p,omitempty"`
+	TopK              int               `msgpack:"top_k,omitempty"`
+	MinP              float64           `msgpack:"min_p,omitempty"`
+	Seed              int64             `msgpack:"seed,omitempty"`
+	HasSeed           bool              `msgpack:"has_seed,omitempty"`
+	RepetitionPenalty float64           `msgpack:"repetition_penalty,omitempty"`
+	PresencePenalty   float64           `msgpack:"presence_penalty,omitempty"`
+	FrequencyPenalty  float64           `msgpack:"frequency_penalty,omitempty"`
+	LogitBias         map[int32]float64 `msgpack:"logit_bias,omitempty"`
+	Stop              []string          `msgpack:"stop,omitempty"`
+	Resume            []int32           `msgpack:"resume,omitempty"`
+	Sent              int               `msgpack:"sent,omitempty"`
+
+	// tokenize
+	Text     string        `msgpack:"text,omitempty"`
+	Messages []ChatMessage `msgpack:"messages,omitempty"`
+	Special  bool          `msgpack:"special,omitempty"`
+
+	// tokens, tok
+	IDs []int32 `msgpack:"ids,omitempty"`
+
+	// done
+	Reason string `msgpack:"reason,omitempty"`
+	PToks  int    `msgpack:"ptoks,omitempty"`
+	CToks  int    `msgpack:"ctoks,omitempty"`
+
+	// error
+	Code string `msgpack:"code,omitempty"`
+	Msg  string `msgpack:"msg,omitempty"`
+
+	// pong
+	Active    int   `msgpack:"active,omitempty"`
+	MemActive int64 `msgpack:"mem_active,omitempty"`
+	MemPeak   int64 `msgpack:"mem_peak,omitempty"`
+	RSS       int64 `msgpack:"rss,omitempty"`
+}
+
+// Encode returns the msgpack body of m (no length prefix).
+func Encode(m *Message) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := msgpack.GetEncoder()
+	defer msgpack.PutEncoder(enc)
+	enc.Reset(&buf)
+	enc.UseCompactInts(true)
+	enc.UseCompactFloats(false)
+	enc.SetSortMapKeys(true)
+	if err := enc.Encode(m); err != nil {
+		return nil, fmt.Errorf("encode %s: %w", m.T, err)
+	}
+	return buf.Bytes(), nil
+}
+
+// AppendMessage encodes m and appends it to dst as a complete frame.
+func AppendMessage(dst []byte, m *Message) ([]byte, error) {
+	body, err := Encode(m)
+	if err != nil {
+		return dst, err
+	}
+	if len(body) > MaxFrameSize {
+		return dst, fmt.Errorf("encode %s: body of %d bytes exceeds %d", m.T, len(body), MaxFrameSize)
+	}
+	return AppendFrame(dst, body), nil
+}
+
+// Decode parses one frame body. Anything but a single msgpack map with a string
+// "t" is a protocol error.
+func Decode(body []byte, m *Message) error {
+	*m = Message{}
+	if len(body) == 0 || !isMap(body[0]) {
+		return fmt.Errorf("%w: frame body is not a msgpack map", ErrProtocol)
+	}
+	r := bytes.NewReader(body)
+	dec := msgpack.GetDecoder()
+	defer msgpack.PutDecoder(dec)
+	dec.Reset(r)
+	if err := dec.Decode(m); err != nil {
+		return fmt.Errorf("%w: undecodable frame: %w", ErrProtocol, err)
+	}
+	if r.Len() != 0 {
+		return fmt.Errorf("%w: %d trailing bytes after frame map", ErrProtocol, r.Len())
+	}
+	if m.T == "" {
+		return fmt.Errorf("%w: frame without message type", ErrProtocol)
+	}
+	return nil
+}
+
+func isMap(b byte) bool { return b&0xf0 == 0x80 || b == 0xde || b == 0xdf }
