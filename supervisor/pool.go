@@ -1,0 +1,576 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/krserve/krserve/ipc"
+	"github.com/krserve/krserve/metrics"
+	"github.com/krserve/krserve/scheduler"
+)
+
+// Router is what the pool needs from the scheduler.
+type Router interface {
+	AddWorker(id int, b scheduler.Backend)
+	RemoveWorker(id int, cause string)
+	Deliver(id int, m *ipc.Message) error
+	SetDraining(id int)
+	WorkerLoad(id int) (inflight, served int, lastProgress time.Time)
+}
+
+// Config holds the pool's settings.
+type Config struct {
+	Workers           int
+	Command           func(slot int) Command
+	StartTimeout      time.Duration // from spawn to hello
+	HeartbeatInterval time.Duration
+	HeartbeatTimeout  time.Duration // no pong for this long: wedged
+	ProgressTimeout   time.Duration // requests in flight and no token for this long: wedged
+	StopGrace         time.Duration // per stage of a staged stop
+	Restart           RestartPolicy
+	RecycleRequests   int   // replace a worker after serving this many requests (0: never)
+	RecycleRSS        int64 // replace a worker whose resident memory passes this (0: never)
+}
+
+// DefaultConfig returns the documented defaults.
+func DefaultConfig() Config {
+	return Config{
+		Workers:           1,
+		StartTimeout:      120 * time.Second,
+		HeartbeatInterval: time.Second,
+		HeartbeatTimeout:  5 * time.Second,
+		ProgressTimeout:   60 * time.Second,
+		StopGrace:         5 * time.Second,
+		Restart:           DefaultRestartPolicy(),
+	}
+}
+
+// Slot states.
+const (
+	StateStarting = "starting"
+	StateReady    = "ready"
+	StateDraining = "draining"
+	StateBackoff  = "backoff"
+	StateFailed   = "failed"
+	StateStopped  = "stopped"
+)
+
+// Hello is what a worker announced about itself.
+type Hello struct {
+	Model    string            `json:"model"`
+	Context  int               `json:"context_length"`
+	Vocab    int               `json:"vocab"`
+	EOS      []int32           `json:"eos"`
+	Caps     []string          `json:"caps"`
+	Versions map[string]string `json:"versions"`
+}
+
+// ExitRecord is a worker's last exit, for /stats.
+type ExitRecord struct {
+	Signal string    `json:"signal,omitempty"`
+	Code   int       `json:"code"`
+	Cause  string    `json:"cause"`
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+	Stderr []string  `json:"stderr,omitempty"`
+}
+
+// SlotStatus is a snapshot of one slot.
+type SlotStatus struct {
+	Slot       int         `json:"slot"`
+	State      string      `json:"state"`
+	PID        int         `json:"pid,omitempty"`
+	UptimeS    float64     `json:"uptime_seconds"`
+	Starts     int         `json:"starts"`
+	Restarts   int         `json:"restarts"`
+	Served     int         `json:"requests_served"`
+	Inflight   int         `json:"requests_in_flight"`
+	LastPongMS float64     `json:"last_heartbeat_ms_ago,omitempty"`
+	RSS        int64       `json:"rss_bytes,omitempty"`
+	MLXActive  int64       `json:"mlx_active_bytes,omitempty"`
+	MLXPeak    int64       `json:"mlx_peak_bytes,omitempty"`
+	Score      float64     `json:"failure_score"`
+	Failure    string      `json:"failure,omitempty"`
+	LastExit   *ExitRecord `json:"last_exit,omitempty"`
+	Healthy    bool        `json:"healthy"`
+}
+
+type slotState struct {
+	id      int
+	restart *restartState
+
+	mu       sync.Mutex
+	state    string
+	proc     *Process
+	started  time.Time
+	starts   int
+	restarts int
+	served   int // by earlier processes of this slot
+	lastPong time.Time
+	pong     ipc.Message
+	failure  string
+	lastExit *ExitRecord
+}
+
+// Pool keeps Config.Workers worker processes alive.
+type Pool struct {
+	cfg    Config
+	router Router
+	m      *metrics.Metrics
+	log    *slog.Logger
+	slots  []*slotState
+	now    func() time.Time
+
+	idSource func() uint64 // tokenize ids, from the same space as request ids
+
+	helloMu sync.Mutex
+	hello   *Hello
+	ready   chan struct{} // closed at the first hello
+	readyOn sync.Once
+
+	pendMu  sync.Mutex
+	pending map[uint64]chan *ipc.Message
+	rr      atomic.Uint64
+}
+
+// NewPool builds a pool; ids supplies fresh request ids (shared with the
+// front door so that tokenize and gen ids never collide).
+func NewPool(cfg Config, router Router, m *metrics.Metrics, log *slog.Logger) *Pool {
+	p := &Pool{cfg: cfg, router: router, m: m, log: log, now: time.Now,
+		ready: make(chan struct{}), pending: map[uint64]chan *ipc.Message{}}
+	for i := range cfg.Workers {
+		p.slots = append(p.slots, &slotState{id: i, state: StateStarting, restart: newRestartState(cfg.Restart, nil)})
+		m.WorkerUp.WithLabelValues(strconv.Itoa(i)).Set(0)
+	}
+	return p
+}
+
+// SetIDSource makes the pool draw tokenize ids from next.
+func (p *Pool) SetIDSource(next func() uint64) { p.idSource = next }
+
+// Ready is closed once any worker has said hello.
+func (p *Pool) Ready() <-chan struct{} { return p.ready }
+
+// Hello returns the first worker's announcement (nil before Ready).
+func (p *Pool) Hello() *Hello {
+	p.helloMu.Lock()
+	defer p.helloMu.Unlock()
+	return p.hello
+}
+
+// Run keeps the workers alive until ctx ends, then stops them all (staged)
+// and returns once every process is reaped.
+func (p *Pool) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	for _, s := range p.slots {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.runSlot(ctx, s)
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+func (p *Pool) setState(s *slotState, st string) {
+	s.mu.Lock()
+	s.state = st
+	s.mu.Unlock()
+	up := 0.0
+	if st == StateReady || st == StateDraining {
+		up = 1
+	}
+	p.m.WorkerUp.WithLabelValues(strconv.Itoa(s.id)).Set(up)
+}
+
+func (p *Pool) runSlot(ctx context.Context, s *slotState) {
+	log := p.log.With("worker", s.id)
+	for ctx.Err() == nil {
+		p.setState(s, StateStarting)
+		proc, err := p.start(ctx, s, log)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			wait, giveUp := s.restart.failure(p.now())
+			p.m.WorkerRestarts.WithLabelValues("start_failure").Inc()
+			s.mu.Lock()
+			s.failure = err.Error()
+			s.mu.Unlock()
+			if giveUp {
+				p.setState(s, StateFailed)
+				log.Error("worker keeps failing at start-up; slot marked failed, will try again later", "err", err, "retry_in", wait)
+			} else {
+				p.setState(s, StateBackoff)
+				log.Warn("worker failed to start", "err", err, "retry_in", wait.Round(time.Millisecond))
+			}
+			if !sleepCtx(ctx, wait) {
+				break
+			}
+			continue
+		}
+		s.mu.Lock()
+		s.failure = ""
+		s.mu.Unlock()
+		p.setState(s, StateReady)
+		p.router.AddWorker(s.id, proc)
+		reason := p.watch(ctx, s, proc, log)
+		exit := proc.Exit()
+		inflight, served, _ := p.router.WorkerLoad(s.id)
+		p.router.RemoveWorker(s.id, exit.String())
+		p.recordExit(s, exit, reason, served)
+		if ctx.Err() != nil {
+			break
+		}
+		lvl := slog.LevelError
+		if reason == "recycle" {
+			lvl = slog.LevelInfo
+		}
+		log.Log(ctx, lvl, "worker exited", "pid", proc.PID, "reason", reason, "exit", exit.String(), "requests_in_flight", inflight, "uptime", exit.Uptime.Round(time.Millisecond))
+		p.m.WorkerRestarts.WithLabelValues(reason).Inc()
+		s.mu.Lock()
+		s.restarts++
+		s.mu.Unlock()
+		if reason == "recycle" {
+			continue
+		}
+		wait, giveUp := s.restart.failure(p.now())
+		if giveUp {
+			p.setState(s, StateFailed)
+			s.mu.Lock()
+			s.failure = "worker crashed repeatedly: " + exit.String()
+			s.mu.Unlock()
+		} else {
+			p.setState(s, StateBackoff)
+		}
+		if !sleepCtx(ctx, wait) {
+			break
+		}
+	}
+	p.setState(s, StateStopped)
+}
+
+func (p *Pool) recordExit(s *slotState, e *Exit, reason string, served int) {
+	sig := e.SignalName()
+	code := ""
+	if e.Signal == 0 {
+		code = strconv.Itoa(e.Code)
+	}
+	label := sig
+	if label == "" {
+		label = "none"
+	}
+	p.m.WorkerExits.WithLabelValues(label, code).Inc()
+	cause := ""
+	if e.Err != nil {
+		cause = e.Err.Error()
+	}
+	s.mu.Lock()
+	s.proc = nil
+	s.served += served
+	s.lastExit = &ExitRecord{Signal: sig, Code: e.Code, Cause: cause, Reason: reason, At: e.At, Stderr: e.Stderr}
+	s.mu.Unlock()
+	p.m.WorkerMemory.DeletePartialMatch(map[string]string{"worker": strconv.Itoa(s.id)})
+}
+
+// start spawns a worker and waits for its hello.
+func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Process, error) {
+	helloCh := make(chan *ipc.Message, 1)
+	var proc *Process
+	var gotHello atomic.Bool
+	onMsg := func(m *ipc.Message) error {
+		switch m.T {
+		case ipc.THello:
+			if gotHello.Swap(true) {
+				return fmt.Errorf("%w: second hello", ipc.ErrProtocol)
+			}
+			if m.V != ipc.Version {
+				return fmt.Errorf("worker speaks protocol version %d but this supervisor speaks version %d: install the krserve_worker that matches this krserve binary (make venv)", m.V, ipc.Version)
+			}
+			helloCh <- m
+			return nil
+		case ipc.TPong:
+			s.mu.Lock()
+			sent := s.lastPong
+			s.lastPong = p.now()
+			s.pong = *m
+			s.mu.Unlock()
+			_ = sent
+			p.onPong(s, m)
+			return nil
+		case ipc.TTokens:
+			return p.resolve(m)
+		case ipc.TError:
+			if m.ID == 0 {
+				log.Error("worker reported a fatal error", "code", m.Code, "msg", m.Msg)
+				s.mu.Lock()
+				s.failure = m.Msg
+				s.mu.Unlock()
+				return nil
+			}
+			if p.resolve(m) == nil {
+				return nil
+			}
+		}
+		if !gotHello.Load() {
+			return fmt.Errorf("%w: %q frame before hello", ipc.ErrProtocol, m.T)
+		}
+		return p.router.Deliver(s.id, m)
+	}
+	t0 := time.Now()
+	proc, err := Start(s.id, p.cfg.Command(s.id), log, onMsg)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.proc = proc
+	s.started = t0
+	s.starts++
+	s.mu.Unlock()
+	timer := time.NewTimer(p.cfg.StartTimeout)
+	defer timer.Stop()
+	select {
+	case m := <-helloCh:
+		p.m.WorkerStartDuration.Observe(time.Since(t0).Seconds())
+		h := &Hello{Model: m.Model, Context: m.Ctx, Vocab: m.Vocab, EOS: m.EOS, Caps: m.Caps, Versions: m.Versions}
+		p.helloMu.Lock()
+		if p.hello == nil {
+			p.hello = h
+		}
+		p.helloMu.Unlock()
+		p.readyOn.Do(func() { close(p.ready) })
+		s.mu.Lock()
+		s.lastPong = p.now()
+		s.mu.Unlock()
+		log.Info("worker ready", "pid", proc.PID, "model", m.Model, "load_seconds", time.Since(t0).Seconds(), "context_length", m.Ctx, "versions", m.Versions)
+		return proc, nil
+	case <-proc.Done():
+		e := proc.Exit()
+		s.mu.Lock()
+		why := s.failure
+		s.mu.Unlock()
+		if why != "" {
+			return nil, fmt.Errorf("worker exited before hello: %s (%s)", why, e)
+		}
+		return nil, fmt.Errorf("worker exited before hello: %s", e)
+	case <-timer.C:
+		proc.Kill(fmt.Errorf("no hello within %s", p.cfg.StartTimeout))
+		<-proc.Done()
+		return nil, fmt.Errorf("worker sent no hello within %s: %s", p.cfg.StartTimeout, proc.Exit())
+	case <-ctx.Done():
+		proc.Stop(p.cfg.StopGrace)
+		return nil, ctx.Err()
+	}
+}
+
+func (p *Pool) onPong(s *slotState, m *ipc.Message) {
+	w := strconv.Itoa(s.id)
+	p.m.WorkerMemory.WithLabelValues(w, "rss").Set(float64(m.RSS))
+	p.m.WorkerMemory.WithLabelValues(w, "mlx_active").Set(float64(m.MemActive))
+	p.m.WorkerMemory.WithLabelValues(w, "mlx_peak").Set(float64(m.MemPeak))
+}
+
+// watch supervises a running worker until it exits; it returns the reason
+// the worker is replaced: crash, wedged, protocol, recycle or stop.
+func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog.Logger) string {
+	tick := time.NewTicker(p.cfg.HeartbeatInterval)
+	defer tick.Stop()
+	var seq uint64
+	var pingAt time.Time
+	var outstanding bool
+	recycling := false
+	for {
+		select {
+		case <-proc.Done():
+			e := proc.Exit()
+			switch {
+			case recycling && e.Err == nil:
+				return "recycle"
+			case errors.Is(e.Err, ipc.ErrProtocol):
+				return "protocol"
+			case errors.Is(e.Err, errWedged):
+				return "wedged"
+			default:
+				return "crash"
+			}
+		case <-ctx.Done():
+			proc.Stop(p.cfg.StopGrace)
+			return "stop"
+		case <-tick.C:
+			now := p.now()
+			s.mu.Lock()
+			last := s.lastPong
+			pong := s.pong
+			s.mu.Unlock()
+			if outstanding && !last.Before(pingAt) {
+				outstanding = false
+				p.m.IPCRoundTrip.Observe(last.Sub(pingAt).Seconds())
+			}
+			if now.Sub(last) > p.cfg.HeartbeatTimeout {
+				proc.Kill(fmt.Errorf("%w: no heartbeat for %s", errWedged, now.Sub(last).Round(time.Millisecond)))
+				continue
+			}
+			inflight, served, progress := p.router.WorkerLoad(s.id)
+			if inflight > 0 && p.cfg.ProgressTimeout > 0 && now.Sub(progress) > p.cfg.ProgressTimeout {
+				proc.Kill(fmt.Errorf("%w: %d requests in flight and no token for %s", errWedged, inflight, now.Sub(progress).Round(time.Millisecond)))
+				continue
+			}
+			if !recycling && ((p.cfg.RecycleRequests > 0 && served >= p.cfg.RecycleRequests) || (p.cfg.RecycleRSS > 0 && pong.RSS > p.cfg.RecycleRSS)) {
+				recycling = true
+				p.setState(s, StateDraining)
+				p.router.SetDraining(s.id)
+				log.Info("recycling worker", "served", served, "rss", pong.RSS)
+			}
+			if recycling && inflight == 0 {
+				go proc.Stop(p.cfg.StopGrace)
+				continue
+			}
+			seq++
+			if !outstanding {
+				pingAt = now
+				outstanding = true
+			}
+			f, _ := ipc.AppendMessage(nil, &ipc.Message{T: ipc.TPing, Seq: seq})
+			_ = proc.Send(f)
+		}
+	}
+}
+
+var errWedged = errors.New("worker wedged")
+
+// Tokenize asks a ready worker to tokenize (text or chat messages) and returns
+// the ids. It retries on another worker if the chosen one dies.
+func (p *Pool) Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error) {
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		proc := p.pick()
+		if proc == nil {
+			return nil, ErrNoWorker
+		}
+		m.T = ipc.TTokenize
+		m.ID = p.idSource()
+		ch := make(chan *ipc.Message, 1)
+		p.pendMu.Lock()
+		p.pending[m.ID] = ch
+		p.pendMu.Unlock()
+		f, err := ipc.AppendMessage(nil, m)
+		if err != nil {
+			p.forget(m.ID)
+			return nil, err
+		}
+		if err := proc.Send(f); err != nil {
+			p.forget(m.ID)
+			lastErr = err
+			continue
+		}
+		select {
+		case r := <-ch:
+			if r.T == ipc.TError {
+				return nil, &TokenizeError{Code: r.Code, Msg: r.Msg}
+			}
+			return r.IDs, nil
+		case <-proc.Done():
+			p.forget(m.ID)
+			lastErr = fmt.Errorf("worker %d died while tokenizing", proc.ID)
+		case <-ctx.Done():
+			p.forget(m.ID)
+			return nil, ctx.Err()
+		}
+	}
+	return nil, lastErr
+}
+
+// TokenizeError is a worker's refusal to tokenize (e.g. a bad message list).
+type TokenizeError struct{ Code, Msg string }
+
+func (e *TokenizeError) Error() string { return e.Msg }
+
+// ErrNoWorker means no worker is ready.
+var ErrNoWorker = errors.New("no worker is ready")
+
+func (p *Pool) forget(id uint64) {
+	p.pendMu.Lock()
+	delete(p.pending, id)
+	p.pendMu.Unlock()
+}
+
+// resolve hands a tokenize answer to its waiter; an answer nobody waits for is
+// not an error (the waiter may have given up), an id never issued is.
+func (p *Pool) resolve(m *ipc.Message) error {
+	p.pendMu.Lock()
+	ch, ok := p.pending[m.ID]
+	delete(p.pending, m.ID)
+	p.pendMu.Unlock()
+	if !ok {
+		if m.T == ipc.TTokens {
+			return nil
+		}
+		return errNotPending
+	}
+	ch <- m
+	return nil
+}
+
+var errNotPending = errors.New("not a tokenize reply")
+
+func (p *Pool) pick() *Process {
+	n := len(p.slots)
+	start := int(p.rr.Add(1))
+	for k := range n {
+		s := p.slots[(start+k)%n]
+		s.mu.Lock()
+		st, proc := s.state, s.proc
+		s.mu.Unlock()
+		if proc != nil && (st == StateReady || st == StateDraining) {
+			return proc
+		}
+	}
+	return nil
+}
+
+// Status returns a snapshot of every slot.
+func (p *Pool) Status() []SlotStatus {
+	now := p.now()
+	out := make([]SlotStatus, 0, len(p.slots))
+	for _, s := range p.slots {
+		inflight, served, _ := p.router.WorkerLoad(s.id)
+		s.mu.Lock()
+		st := SlotStatus{Slot: s.id, State: s.state, Starts: s.starts, Restarts: s.restarts,
+			Served: s.served, Inflight: inflight, Failure: s.failure, LastExit: s.lastExit,
+			Score: s.restart.Score(now)}
+		if s.proc != nil {
+			st.PID = s.proc.PID
+			st.UptimeS = now.Sub(s.started).Seconds()
+			st.Served += served
+			if !s.lastPong.IsZero() {
+				st.LastPongMS = float64(now.Sub(s.lastPong).Microseconds()) / 1000
+			}
+			st.RSS, st.MLXActive, st.MLXPeak = s.pong.RSS, s.pong.MemActive, s.pong.MemPeak
+		}
+		_, _, progress := p.router.WorkerLoad(s.id)
+		stalled := inflight > 0 && p.cfg.ProgressTimeout > 0 && now.Sub(progress) > p.cfg.ProgressTimeout
+		st.Healthy = (s.state == StateReady || s.state == StateDraining) && s.proc != nil &&
+			now.Sub(s.lastPong) <= p.cfg.HeartbeatTimeout && !stalled
+		s.mu.Unlock()
+		out = append(out, st)
+	}
+	return out
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

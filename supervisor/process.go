@@ -1,0 +1,366 @@
+// Package supervisor starts, watches and restarts worker processes.
+//
+// A Process is one running worker: its pipes, its reader and writer
+// goroutines and its one reaper. A Pool keeps N slots filled with Processes
+// under a restart policy.
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/krserve/krserve/ipc"
+)
+
+// ErrStopped is returned by Send after the process has been stopped or died.
+var ErrStopped = errors.New("worker stopped")
+
+// Command describes how to start a worker process.
+type Command struct {
+	Path string   // executable (the virtualenv's python)
+	Args []string // arguments after Path
+	Env  []string // complete environment; nothing is inherited
+	Dir  string
+}
+
+// Exit describes how a worker process ended.
+type Exit struct {
+	Signal   syscall.Signal // 0 if it exited normally
+	Code     int            // exit status, -1 if signalled
+	Err      error          // why the supervisor thinks it died (protocol error, wedge...), may be nil
+	Stderr   []string       // last lines of its stderr
+	At       time.Time
+	Uptime   time.Duration
+	Intended bool // the supervisor asked it to stop
+}
+
+// SignalName is e.g. "SIGSEGV", or "" for a normal exit.
+func (e *Exit) SignalName() string {
+	if e.Signal == 0 {
+		return ""
+	}
+	return signalName(e.Signal)
+}
+
+func (e *Exit) String() string {
+	var b strings.Builder
+	if e.Signal != 0 {
+		fmt.Fprintf(&b, "killed by %s", e.SignalName())
+		if e.Signal == syscall.SIGKILL && !e.Intended {
+			b.WriteString(" (out of memory killer or an operator)")
+		}
+	} else {
+		fmt.Fprintf(&b, "exited with status %d", e.Code)
+	}
+	if e.Err != nil {
+		fmt.Fprintf(&b, " after %v", e.Err)
+	}
+	if n := len(e.Stderr); n > 0 {
+		fmt.Fprintf(&b, "; last stderr: %s", e.Stderr[n-1])
+	}
+	return b.String()
+}
+
+// Process is one worker child. Messages it sends are passed to the handler
+// given to Start, from a single reader goroutine, in order.
+type Process struct {
+	ID  int
+	PID int
+
+	cmd     *exec.Cmd
+	started time.Time
+	log     *slog.Logger
+	tail    *tailWriter
+
+	out      chan []byte // frames for the writer goroutine
+	stopOnce sync.Once
+	stopping chan struct{} // closed when stop begins: no more sends
+
+	failOnce sync.Once
+	failErr  error
+
+	done chan struct{} // closed by the reaper after Wait and all readers
+	exit *Exit
+}
+
+// Start launches the worker. onMsg is called for every decoded frame; an error
+// it returns (or any malformed frame) marks the worker broken: it is killed.
+func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) (*Process, error) {
+	p := &Process{
+		ID:       id,
+		log:      log,
+		tail:     newTailWriter(log, 40),
+		out:      make(chan []byte, 256),
+		stopping: make(chan struct{}),
+		done:     make(chan struct{}),
+	}
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("worker %d: stdin pipe: %w", id, err)
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		return nil, fmt.Errorf("worker %d: stdout pipe: %w", id, err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		outR.Close()
+		outW.Close()
+		return nil, fmt.Errorf("worker %d: stderr pipe: %w", id, err)
+	}
+	cmd := exec.Command(c.Path, c.Args...)
+	cmd.Env = c.Env
+	cmd.Dir = c.Dir
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errW
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	p.cmd = cmd
+
+	// Pdeathsig fires when the *thread* that forked the child exits, so the
+	// reaper starts the child from a locked OS thread and keeps it until Wait
+	// returns.
+	started := make(chan error, 1)
+	var waitErr error
+	reaped := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			close(reaped)
+			return
+		}
+		started <- nil
+		waitErr = cmd.Wait()
+		close(reaped)
+	}()
+	err = <-started
+	inR.Close()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		inW.Close()
+		outR.Close()
+		errR.Close()
+		return nil, fmt.Errorf("worker %d: start %s: %w", id, c.Path, err)
+	}
+	p.PID = cmd.Process.Pid
+	p.started = time.Now()
+
+	var readers sync.WaitGroup
+	readers.Add(3)
+	go func() { // stderr: forwarded to the log, tail kept
+		defer readers.Done()
+		_, _ = io.Copy(p.tail, errR)
+		p.tail.flush()
+		errR.Close()
+	}()
+	go func() { // stdout: frames
+		defer readers.Done()
+		defer outR.Close()
+		p.readLoop(outR, onMsg)
+	}()
+	go func() { // stdin: one writer, one Write per batch of frames
+		defer readers.Done()
+		defer inW.Close()
+		for {
+			select {
+			case f := <-p.out:
+				if _, err := inW.Write(f); err != nil {
+					p.fail(fmt.Errorf("write to worker: %w", err))
+					return
+				}
+			case <-p.stopping:
+				// Flush what is queued (a shutdown frame), then close stdin: EOF
+				// also tells the worker to exit.
+				for {
+					select {
+					case f := <-p.out:
+						if _, err := inW.Write(f); err != nil {
+							return
+						}
+					default:
+						return
+					}
+				}
+			case <-reaped:
+				return
+			}
+		}
+	}()
+	go func() { // the one reaper
+		<-reaped
+		readers.Wait()
+		p.exit = classify(waitErr, p)
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *Process) readLoop(r io.Reader, onMsg func(*ipc.Message) error) {
+	var buf []byte
+	for {
+		body, err := ipc.ReadFrame(r, buf)
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			p.fail(err)
+			_, _ = io.Copy(io.Discard, r)
+			return
+		}
+		buf = body[:0]
+		var m ipc.Message
+		if err := ipc.Decode(body, &m); err != nil {
+			p.fail(err)
+			_, _ = io.Copy(io.Discard, r)
+			return
+		}
+		if err := onMsg(&m); err != nil {
+			p.fail(err)
+			_, _ = io.Copy(io.Discard, r)
+			return
+		}
+	}
+}
+
+// fail records why the worker is considered broken and kills it.
+func (p *Process) fail(err error) {
+	p.failOnce.Do(func() {
+		p.failErr = err
+		p.log.Error("worker broken, killing it", "worker", p.ID, "pid", p.PID, "err", err)
+		p.signalGroup(syscall.SIGKILL)
+	})
+	p.stopOnce.Do(func() { close(p.stopping) })
+}
+
+// Kill marks the worker broken for reason err (wedged, over memory...) and
+// kills its process group at once.
+func (p *Process) Kill(err error) { p.fail(err) }
+
+// Send queues frames for the worker. It never blocks on the pipe; if the
+// writer is more than its buffer behind, the worker is broken.
+func (p *Process) Send(frames []byte) error {
+	select {
+	case <-p.stopping:
+		return ErrStopped
+	default:
+	}
+	select {
+	case p.out <- frames:
+		return nil
+	case <-p.stopping:
+		return ErrStopped
+	default:
+		p.fail(errors.New("worker is not reading its input (write queue full)"))
+		return ErrStopped
+	}
+}
+
+// Done is closed once the process has exited and every pipe is drained.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Exit is valid after Done is closed.
+func (p *Process) Exit() *Exit { return p.exit }
+
+// Stop ends the worker in stages: a shutdown frame and stdin EOF; after grace,
+// SIGTERM to its process group; after grace again, SIGKILL. It returns once
+// the process is reaped. Safe to call many times and concurrently.
+func (p *Process) Stop(grace time.Duration) *Exit {
+	p.stopOnce.Do(func() {
+		if f, err := ipc.AppendMessage(nil, &ipc.Message{T: ipc.TShutdown}); err == nil {
+			select {
+			case p.out <- f:
+			default:
+			}
+		}
+		close(p.stopping)
+	})
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-p.done:
+		return p.exit
+	case <-t.C:
+	}
+	p.signalGroup(syscall.SIGTERM)
+	t.Reset(grace)
+	select {
+	case <-p.done:
+		return p.exit
+	case <-t.C:
+	}
+	p.signalGroup(syscall.SIGKILL)
+	<-p.done
+	return p.exit
+}
+
+// signalGroup signals the worker's process group; a group that is already
+// gone is not an error.
+func (p *Process) signalGroup(sig syscall.Signal) {
+	if p.PID > 0 {
+		_ = syscall.Kill(-p.PID, sig)
+	}
+}
+
+func classify(waitErr error, p *Process) *Exit {
+	e := &Exit{Code: 0, At: time.Now(), Uptime: time.Since(p.started), Stderr: p.tail.lines()}
+	select {
+	case <-p.stopping:
+		e.Intended = p.failErr == nil
+	default:
+	}
+	e.Err = p.failErr
+	var ee *exec.ExitError
+	if errors.As(waitErr, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			e.Signal = ws.Signal()
+			e.Code = -1
+		} else {
+			e.Code = ee.ExitCode()
+		}
+	} else if waitErr != nil {
+		e.Code = -1
+		if e.Err == nil {
+			e.Err = waitErr
+		}
+	}
+	return e
+}
+
+func signalName(s syscall.Signal) string {
+	switch s {
+	case syscall.SIGSEGV:
+		return "SIGSEGV"
+	case syscall.SIGBUS:
+		return "SIGBUS"
+	case syscall.SIGABRT:
+		return "SIGABRT"
+	case syscall.SIGKILL:
+		return "SIGKILL"
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	case syscall.SIGINT:
+		return "SIGINT"
+	case syscall.SIGILL:
+		return "SIGILL"
+	case syscall.SIGFPE:
+		return "SIGFPE"
+	case syscall.SIGPIPE:
+		return "SIGPIPE"
+	default:
+		return fmt.Sprintf("signal %d", int(s))
+	}
+}
