@@ -386,4 +386,3 @@ func (o *ops) Stats() any {
 		"uptime_s":  time.Since(o.started).Seconds(),
 	}
 }
-
