@@ -557,11 +557,18 @@ func (p *Pool) Status() []SlotStatus {
 		_, _, progress := p.router.WorkerLoad(s.id)
 		stalled := inflight > 0 && p.cfg.ProgressTimeout > 0 && now.Sub(progress) > p.cfg.ProgressTimeout
 		st.Healthy = (s.state == StateReady || s.state == StateDraining) && s.proc != nil &&
-			now.Sub(s.lastPong) <= p.cfg.HeartbeatTimeout && !stalled
+			now.Sub(s.lastPong) <= p.staleAfter() && !stalled
 		s.mu.Unlock()
 		out = append(out, st)
 	}
 	return out
+}
+
+// staleAfter is how old the last pong may be for a worker to count as
+// healthy: a few heartbeat intervals, so /ready turns 503 soon after a worker
+// stops answering, long before the wedge timeout kills it.
+func (p *Pool) staleAfter() time.Duration {
+	return min(p.cfg.HeartbeatTimeout, 3*p.cfg.HeartbeatInterval)
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {

@@ -1,0 +1,106 @@
+"""The official `openai` package against a running krserve, used as a user would.
+
+The default model (SmolLM2-135M-Instruct, what `krserve up` serves with no
+--model) answers here, so the answers have to make sense.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from _server import Server
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(None, "--workers", "1")  # no --model: the default model
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models(client):
+    ids = [m.id for m in client.models.list().data]
+    assert "default" in ids
+
+
+def test_chat_answers_sensibly(client):
+    r = client.chat.completions.create(model="default", temperature=0, max_tokens=32,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_with_usage(client):
+    stream = client.chat.completions.create(
+        model="default", temperature=0, max_tokens=32, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert "Paris" in text
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+    # Streamed and non-streamed greedy outputs agree.
+    r = client.chat.completions.create(model="default", temperature=0, max_tokens=32,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert r.choices[0].message.content == text
+
+
+def test_stop_sequence_cuts_and_does_not_leak(client):
+    base = client.completions.create(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=16, temperature=0)
+    text = base.choices[0].text
+    # Stop at a piece of the greedy continuation itself, so it is known to occur.
+    stop = text.strip()[2:5]
+    assert len(stop) == 3, text
+    r = client.completions.create(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].text
+    assert text.startswith(r.choices[0].text)
+    assert r.choices[0].text + stop == text[: len(r.choices[0].text) + len(stop)]
+    # Streamed, the same.
+    s = client.completions.create(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=16, temperature=0,
+                                  stop=stop, stream=True)
+    streamed = "".join(c.choices[0].text for c in s if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_seed_makes_sampling_reproducible(client):
+    kw = dict(model="default", max_tokens=24, temperature=1.0, top_p=0.95,
+              messages=[{"role": "user", "content": "Write a short poem about the sea."}])
+    a = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
+    assert a == b
+    outs = {client.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (1, 2, 3)}
+    assert len(outs) > 1, "different seeds should give different samples"
+
+
+def test_penalties_change_the_output(client):
+    kw = dict(model="default", max_tokens=40, temperature=0, prompt="the the the the the the")
+    plain = client.completions.create(**kw).choices[0].text
+    pen = client.completions.create(frequency_penalty=2.0, presence_penalty=2.0, **kw).choices[0].text
+    rep = client.completions.create(extra_body={"repetition_penalty": 1.8}, **kw).choices[0].text
+    assert pen != plain
+    assert rep != plain
+    assert pen.count(" the") <= plain.count(" the")
+
+
+def test_errors_are_openai_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="default", messages=[])
+    assert "messages" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}], n=3)
