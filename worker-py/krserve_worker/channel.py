@@ -1,8 +1,9 @@
-"""The worker's side of the protocol channel: fd protection and framing.
+"""The worker's side of the protocol channel: framing over the protected fds.
 
-``protect_stdio()`` must run before anything heavy is imported: it moves the
-protocol pipes away from fds 0 and 1 so that stray ``print()`` calls, C-level
-writes to fd 1 and ``input()`` prompts can never touch protocol bytes.
+``__main__`` moves the protocol pipes away from fds 0 and 1 before anything is
+imported (so stray ``print()`` calls, C-level writes to fd 1 and ``input()``
+prompts can never touch protocol bytes) and hands the private fds to
+``FrameReader`` and ``FrameWriter``.
 
 Frames are a 4-byte big-endian body length and one msgpack map (see
 docs/protocol.md and ``protocol.py``). This module imports only the standard
@@ -11,39 +12,13 @@ library and msgpack (through ``protocol``).
 
 from __future__ import annotations
 
-import io
 import os
-import sys
 import threading
 
 from . import protocol
 from .protocol import MAX_FRAME, ProtocolError  # noqa: F401  (re-exported)
 
 READ_CHUNK = 65536
-
-
-def protect_stdio() -> tuple[int, int]:
-    """Move the protocol off fds 0/1; return ``(proto_in, proto_out)``.
-
-    Afterwards fd 0 is /dev/null, fd 1 is a copy of fd 2 (stderr), and
-    ``sys.stdout`` writes to stderr. The dup'd fds are non-inheritable.
-    """
-    proto_in = os.dup(0)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    proto_out = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        sys.stdout.flush()
-    except Exception:
-        pass
-    sys.stdout = io.TextIOWrapper(
-        io.FileIO(os.dup(2), "w", closefd=True), encoding="utf-8", errors="replace",
-        line_buffering=True, write_through=True,
-    )
-    sys.__stdout__ = sys.stdout
-    return proto_in, proto_out
 
 
 class FrameReader:
@@ -83,6 +58,20 @@ class FrameReader:
                         f"truncated frame: EOF with {len(self.buf)} of {need} bytes"
                     )
                 return None
+
+    def read_batch(self) -> list[dict] | None:
+        """Block for the next message, then also return every further message
+        already complete in the buffer (frames the peer wrote together arrive
+        together). None on a clean EOF."""
+        first = self.read()
+        if first is None:
+            return None
+        out = [first]
+        while True:
+            head = protocol.split_frame(self.buf)
+            if head is None or len(self.buf) < head[1]:
+                return out
+            out.append(self.read())
 
 
 class FrameWriter:

@@ -16,7 +16,6 @@ This module imports only the standard library and msgpack.
 
 from __future__ import annotations
 
-import math
 import struct
 
 import msgpack
@@ -204,7 +203,3 @@ def error(id: int, code: str, msg: str) -> bytes:
 def pong(seq: int, active: int, mem_active: int, mem_peak: int, rss: int) -> bytes:
     return encode({"t": "pong", "seq": seq, "active": active, "mem_active": mem_active,
                    "mem_peak": mem_peak, "rss": rss})
-
-
-def is_finite_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)

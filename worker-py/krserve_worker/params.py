@@ -1,0 +1,125 @@
+"""Validation of ``gen`` requests (pure Python).
+
+``parse_gen`` turns a decoded ``gen`` message into ``GenParams`` or raises
+``InvalidRequest`` (answered with ``error`` code ``invalid``). Missing fields
+are their zero value, and zero means "off" for every sampling parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class InvalidRequest(ValueError):
+    """Bad request parameters: answered with ``error`` code ``invalid``."""
+
+
+@dataclass
+class GenParams:
+    id: int
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    has_seed: bool = False
+    repetition_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    resume: list[int] = field(default_factory=list)
+    sent: int = 0
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(msg, key, lo=None):
+    v = msg.get(key, 0)
+    if not _is_int(v):
+        raise InvalidRequest(f"{key} must be an integer")
+    if lo is not None and v < lo:
+        raise InvalidRequest(f"{key} must be >= {lo}")
+    return v
+
+
+def _float(msg, key, lo=None, hi=None):
+    v = msg.get(key, 0.0)
+    if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+        raise InvalidRequest(f"{key} must be a finite number")
+    v = float(v)
+    if lo is not None and hi is not None and not (lo <= v <= hi):
+        raise InvalidRequest(f"{key} must be in [{lo:g}, {hi:g}]")
+    if lo is not None and v < lo:
+        raise InvalidRequest(f"{key} must be >= {lo:g}")
+    return v
+
+
+def _token_list(msg, key, vocab):
+    v = msg.get(key, [])
+    if not isinstance(v, list):
+        raise InvalidRequest(f"{key} must be a list of token ids")
+    for t in v:
+        if not _is_int(t) or not (0 <= t < vocab):
+            raise InvalidRequest(f"{key}: token id {t!r} outside [0, {vocab})")
+    return list(v)
+
+
+def parse_gen(msg: dict, vocab: int, ctx: int = 0) -> GenParams:
+    rid = msg["id"]
+    prompt = _token_list(msg, "prompt", vocab)
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty")
+    resume = _token_list(msg, "resume", vocab)
+    max_tokens = _int(msg, "max_tokens")
+    if max_tokens < 1:
+        raise InvalidRequest("max_tokens must be >= 1")
+    if ctx and len(prompt) + len(resume) > ctx:
+        raise InvalidRequest(
+            f"prompt of {len(prompt) + len(resume)} tokens exceeds the context of {ctx}"
+        )
+    temperature = _float(msg, "temperature", lo=0.0)
+    top_p = _float(msg, "top_p", 0.0, 1.0)
+    min_p = _float(msg, "min_p", 0.0, 1.0)
+    top_k = _int(msg, "top_k", lo=0)
+    seed = _int(msg, "seed")
+    has_seed = msg.get("has_seed", False)
+    if not isinstance(has_seed, bool):
+        raise InvalidRequest("has_seed must be a bool")
+    repetition_penalty = _float(msg, "repetition_penalty", lo=0.0)
+    presence_penalty = _float(msg, "presence_penalty")
+    frequency_penalty = _float(msg, "frequency_penalty")
+
+    lb = msg.get("logit_bias", {})
+    if not isinstance(lb, dict):
+        raise InvalidRequest("logit_bias must be a map of token id to bias")
+    logit_bias = {}
+    for k, b in lb.items():
+        if not _is_int(k) or not (0 <= k < vocab):
+            raise InvalidRequest(f"logit_bias: token id {k!r} outside [0, {vocab})")
+        if not (_is_int(b) or isinstance(b, float)) or math.isnan(b):
+            raise InvalidRequest(f"logit_bias[{k}] must be a number")
+        logit_bias[k] = float(b)
+
+    stop = msg.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise InvalidRequest("stop must be a list of strings")
+    if any(s == "" for s in stop):
+        raise InvalidRequest("stop strings must not be empty")
+
+    sent = _int(msg, "sent", lo=0)
+    if sent and not resume:
+        raise InvalidRequest("sent without resume tokens")
+
+    return GenParams(
+        id=rid, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, has_seed=has_seed,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, logit_bias=logit_bias, stop=list(stop),
+        resume=resume, sent=sent,
+    )

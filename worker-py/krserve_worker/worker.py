@@ -1,0 +1,468 @@
+"""The worker: load the model, speak protocol v1 (docs/protocol.md), generate.
+
+Threads:
+
+- The main thread owns MLX: ``mlx_lm.load``, the ``BatchGenerator`` and every
+  ``insert``/``next``/``remove``. Between two ``next()`` calls it drains the
+  message queue without blocking (it blocks only when idle). All ``gen``
+  messages drained together go into one ``insert`` call, so their prefill is
+  batched; cancels and shutdown are applied at step boundaries (a long prefill
+  is cut into ``--prefill-step`` token chunks, one per ``next()``).
+- The reader thread reads and parses frames and queues them, except ``ping``
+  and ``tokenize``, which it answers itself (tokenizers only, no MLX). ``pong``
+  reports values the main thread caches after each step.
+
+Both threads write through one ``FrameWriter`` (a lock and an ``os.write``
+loop); frames produced in one step are written as one buffer.
+
+Token accounting: ``tok.ids`` are the generated tokens that make up the output
+(a final EOS is not sent: it has no text and ends the request); ``ctoks``
+counts every token this worker generated, EOS included, which is what
+``max_tokens`` limits. ``ptoks`` is ``len(prompt) + len(resume)``, the tokens
+prefilled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import queue
+import resource
+import sys
+import threading
+import time
+
+from . import __version__, protocol
+from .channel import FrameReader, FrameWriter
+from .params import InvalidRequest, parse_gen
+from .protocol import ProtocolError
+from .textstream import TextStream
+
+EXIT_OK = 0
+EXIT_LOAD = 1
+EXIT_NO_MODEL = 2
+EXIT_PROTOCOL = 3
+
+
+def log(*args) -> None:
+    print("krserve_worker:", *args, file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m krserve_worker",
+                                 description="krserve mlx-lm worker (msgpack over stdio)")
+    ap.add_argument("--model", required=True, help="local model directory (never a hub id)")
+    ap.add_argument("--max-batch", type=int, default=32,
+                    help="sequences decoded together (BatchGenerator completion_batch_size)")
+    ap.add_argument("--prefill-batch", type=int, default=8,
+                    help="prompts prefilled together (prefill_batch_size)")
+    ap.add_argument("--prefill-step", type=int, default=512,
+                    help="prompt tokens per prefill step; smaller keeps cancel responsive")
+    args = ap.parse_args(argv)
+    for name in ("max_batch", "prefill_batch", "prefill_step"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def read_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+
+class Shared:
+    """Values the main thread publishes for ``pong`` (plain ints: the reader
+    thread never touches MLX)."""
+
+    def __init__(self):
+        self.active = 0
+        self.mem_active = 0
+        self.mem_peak = 0
+
+
+def _need_id(msg) -> int:
+    rid = msg.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or rid <= 0:
+        raise ProtocolError(f"{msg['t']} frame without a valid id: {rid!r}")
+    return rid
+
+
+# -- reader thread -------------------------------------------------------------
+
+
+class Reader(threading.Thread):
+    def __init__(self, reader: FrameReader, writer: FrameWriter, q: queue.Queue,
+                 tokenizer, shared: Shared):
+        super().__init__(name="krserve-reader", daemon=True)
+        self.reader = reader
+        self.writer = writer
+        self.q = q
+        self.tokenizer = tokenizer
+        self.shared = shared
+
+    def run(self):
+        try:
+            while True:
+                batch = self.reader.read_batch()
+                if batch is None:
+                    self.writer.close()  # nobody is listening any more
+                    self.q.put(("exit", EXIT_OK, "stdin closed"))
+                    return
+                work = []
+                for msg in batch:
+                    t = msg["t"]
+                    if t == "ping":
+                        self.pong(msg)
+                    elif t == "tokenize":
+                        self.tokenize(msg)
+                    elif t == "shutdown":
+                        self.writer.close()  # send nothing more
+                        self.q.put(("exit", EXIT_OK, "shutdown"))
+                        return
+                    elif t in ("gen", "cancel"):
+                        _need_id(msg)
+                        work.append(msg)
+                    else:
+                        log(f"ignoring frame of unknown type {t!r}")
+                if work:
+                    # One queue item per read: gens written together are
+                    # drained (and inserted) together.
+                    self.q.put(("msgs", work))
+        except ProtocolError as e:
+            log(f"protocol error from supervisor: {e}")
+            self.q.put(("exit", EXIT_PROTOCOL, str(e)))
+        except OSError as e:
+            log(f"channel error: {e!r}")
+            self.q.put(("exit", EXIT_PROTOCOL, repr(e)))
+        except BaseException as e:  # never die silently
+            log(f"reader thread crashed: {e!r}")
+            self.q.put(("exit", EXIT_PROTOCOL, repr(e)))
+
+    def pong(self, msg):
+        seq = msg.get("seq", 0)
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise ProtocolError(f"ping with invalid seq {seq!r}")
+        s = self.shared
+        self.writer.write(protocol.pong(seq, s.active, s.mem_active, s.mem_peak, read_rss()))
+
+    def tokenize(self, msg):
+        rid = _need_id(msg)
+        try:
+            answer = protocol.tokens(rid, tokenize(self.tokenizer, msg))
+        except InvalidRequest as e:
+            answer = protocol.error(rid, "invalid", str(e))
+        except Exception as e:  # tokenizer/template failure, or an oversized answer
+            log(f"tokenize {rid} failed: {e!r}")
+            answer = protocol.error(rid, "invalid", f"tokenize failed: {e}"[:1000])
+        self.writer.write(answer)
+
+
+def tokenize(tokenizer, msg) -> list[int]:
+    """Answer a ``tokenize`` message: chat template (with the generation prompt)
+    when ``messages`` is present, else encode ``text`` (``special`` adds BOS)."""
+    messages = msg.get("messages") or []
+    if messages:
+        if not isinstance(messages, list):
+            raise InvalidRequest("messages must be a list")
+        chat = []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise InvalidRequest("each message must be a map with role and content")
+            role, content = m.get("role", ""), m.get("content", "")
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise InvalidRequest("message role and content must be strings")
+            chat.append({"role": role, "content": content})
+        if not getattr(tokenizer, "has_chat_template", False):
+            raise InvalidRequest("the model has no chat template")
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    else:
+        text = msg.get("text", "")
+        if not isinstance(text, str):
+            raise InvalidRequest("text must be a string")
+        special = msg.get("special", False)
+        ids = tokenizer.encode(text, add_special_tokens=bool(special))
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    return [int(i) for i in ids]
+
+
+# -- main thread ---------------------------------------------------------------
+
+
+class Request:
+    __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors")
+
+    def __init__(self, p, text: TextStream):
+        self.p = p
+        self.uid = None
+        self.text = text
+        self.ptoks = len(p.prompt) + len(p.resume)
+        self.ctoks = 0
+        self.sampler = None
+        self.processors = []
+
+
+class Worker:
+    def __init__(self, model, tokenizer, *, vocab: int, ctx: int, args, writer: FrameWriter,
+                 shared: Shared, q: queue.Queue):
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator
+
+        self.mx = mx
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.ctx = ctx
+        self.writer = writer
+        self.shared = shared
+        self.q = q
+        self.eos = set(int(e) for e in tokenizer.eos_token_ids)
+        self.gen = BatchGenerator(
+            model,
+            stop_tokens=[[e] for e in sorted(self.eos)],
+            completion_batch_size=args.max_batch,
+            prefill_batch_size=args.prefill_batch,
+            prefill_step_size=args.prefill_step,
+        )
+        self.reqs: dict[int, Request] = {}  # id -> request inserted in the generator
+        self.by_uid: dict[int, Request] = {}
+        self.pending: list[Request] = []  # validated, not yet inserted
+        self.noise = os.environ.get("KRSERVE_WORKER_NOISE") == "1"
+        self._libc = None
+        self.publish()
+
+    # -- bookkeeping --
+
+    def publish(self):
+        s = self.shared
+        s.active = len(self.reqs) + len(self.pending)
+        s.mem_active = int(self.mx.get_active_memory())
+        s.mem_peak = int(self.mx.get_peak_memory())
+
+    def finish(self, req: Request, remove: bool):
+        if remove and req.uid is not None:
+            self.gen.remove([req.uid])
+        self.reqs.pop(req.p.id, None)
+        if req.uid is not None:
+            self.by_uid.pop(req.uid, None)
+
+    # -- messages --
+
+    def handle(self, msg, out: list):
+        t = msg["t"]
+        rid = msg["id"]
+        if t == "gen":
+            if rid in self.reqs or any(r.p.id == rid for r in self.pending):
+                raise ProtocolError(f"gen for id {rid}, which is already running")
+            self.on_gen(msg, out)
+        elif t == "cancel":
+            self.on_cancel(rid, out)
+
+    def on_gen(self, msg, out):
+        from .sampling import build_processors, build_sampler
+
+        rid = msg["id"]
+        try:
+            p = parse_gen(msg, self.vocab, self.ctx)
+            text = TextStream(self.tokenizer.detokenizer, p.stop)
+            if p.resume:
+                text.replay(p.resume, p.sent)
+        except (InvalidRequest, ValueError) as e:
+            out.append(protocol.error(rid, "invalid", str(e)))
+            return
+        req = Request(p, text)
+        if p.resume:
+            # A stop string already complete in the replayed text (should not
+            # happen: the previous worker would have stopped) ends it now.
+            if text.stop_pending():
+                rest, _ = text.take()
+                out.append(protocol.done(rid, "stop", req.ptoks, 0, rest))
+                return
+        try:
+            req.sampler = build_sampler(p, self.vocab)
+            req.processors = build_processors(p)
+        except Exception as e:
+            out.append(protocol.error(rid, "invalid", f"bad sampling parameters: {e}"))
+            return
+        self.pending.append(req)
+
+    def on_cancel(self, rid, out):
+        for i, r in enumerate(self.pending):
+            if r.p.id == rid:
+                del self.pending[i]
+                out.append(protocol.done(rid, "cancelled", r.ptoks, 0))
+                return
+        req = self.reqs.get(rid)
+        if req is None:
+            return  # unknown or already finished: not an error
+        self.finish(req, remove=True)
+        out.append(protocol.done(rid, "cancelled", req.ptoks, req.ctoks))
+
+    def insert_pending(self, out):
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        try:
+            uids = self.gen.insert(
+                [r.p.prompt + r.p.resume for r in batch],
+                max_tokens=[r.p.max_tokens for r in batch],
+                samplers=[r.sampler for r in batch],
+                logits_processors=[r.processors for r in batch],
+            )
+        except Exception as e:
+            log(f"insert failed: {e!r}")
+            for r in batch:
+                out.append(protocol.error(r.p.id, "internal", f"insert failed: {e}"))
+            return
+        log(f"inserted {len(batch)} request(s): ids {[r.p.id for r in batch]}")
+        for r, uid in zip(batch, uids):
+            r.uid = uid
+            self.reqs[r.p.id] = r
+            self.by_uid[uid] = r
+
+    # -- generation --
+
+    def step(self, out):
+        _, responses = self.gen.next()
+        for r in responses:
+            req = self.by_uid.get(r.uid)
+            if req is None:
+                continue
+            self.on_token(req, int(r.token), r.finish_reason, out)
+
+    def on_token(self, req: Request, token: int, finish_reason, out):
+        rid = req.p.id
+        req.ctoks += 1
+        if token in self.eos and finish_reason == "stop":
+            # EOS: its text is not output; flush what was held back.
+            req.text.finalize()
+            rest, _ = req.text.take(final=True)
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest))
+            self.finish(req, remove=False)
+            return
+        req.text.add(token)
+        text, stopped = req.text.take()
+        out.append(protocol.tok(rid, [token], text))
+        if stopped:
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks))
+            self.finish(req, remove=finish_reason is None)
+        elif finish_reason is not None:  # "length"
+            req.text.finalize()
+            rest, stopped = req.text.take(final=True)
+            reason = "stop" if stopped else "length"
+            out.append(protocol.done(rid, reason, req.ptoks, req.ctoks, rest))
+            self.finish(req, remove=False)
+
+    def make_noise(self):
+        """Test hook (KRSERVE_WORKER_NOISE=1): write junk to fd 1 three ways."""
+        print("noise")
+        os.write(1, b"c-noise\n")
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        buf = b"libc-noise\n"
+        self._libc.write(1, buf, len(buf))
+
+    # -- loop --
+
+    def write(self, frames):
+        if frames:
+            self.writer.write(b"".join(frames))
+
+    def run(self) -> int:
+        while True:
+            idle = not self.reqs and not self.pending
+            items = []
+            try:
+                items.append(self.q.get() if idle else self.q.get_nowait())
+                while True:
+                    items.append(self.q.get_nowait())
+            except queue.Empty:
+                pass
+            out = []
+            for item in items:
+                if item[0] == "exit":
+                    _, code, why = item
+                    log(f"exiting ({why}), cancelling {len(self.reqs) + len(self.pending)} request(s)")
+                    self.writer.close()
+                    if self.by_uid:
+                        self.gen.remove(list(self.by_uid))
+                    return code
+                try:
+                    for msg in item[1]:
+                        self.handle(msg, out)
+                except ProtocolError as e:
+                    log(f"protocol error from supervisor: {e}")
+                    self.writer.close()
+                    return EXIT_PROTOCOL
+            self.insert_pending(out)
+            if self.reqs:
+                self.step(out)
+                if self.noise:
+                    self.make_noise()
+            self.publish()
+            self.write(out)
+
+
+def _model_info(model, tokenizer, config: dict) -> tuple[int, int]:
+    text_cfg = config.get("text_config") or {}
+    vocab = config.get("vocab_size") or text_cfg.get("vocab_size")
+    if not vocab:
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None) or len(tokenizer)
+    ctx = config.get("max_position_embeddings") or text_cfg.get("max_position_embeddings")
+    if not ctx:
+        mml = getattr(tokenizer, "model_max_length", 0) or 0
+        ctx = int(mml) if 0 < mml < 10**8 else 0
+    return int(vocab), int(ctx)
+
+
+def main(argv, proto_in: int, proto_out: int) -> int:
+    args = parse_args(argv)
+    writer = FrameWriter(proto_out)
+
+    def fatal(msg: str, code: int) -> int:
+        log(msg)
+        try:
+            writer.write(protocol.error(0, "internal", msg))
+        except OSError:
+            pass
+        return code
+
+    if not os.path.isdir(args.model):
+        return fatal(f"model directory {args.model!r} does not exist", EXIT_NO_MODEL)
+
+    t0 = time.monotonic()
+    try:
+        import mlx.core as mx
+        import mlx_lm
+        from mlx_lm import load
+
+        model, tokenizer, config = load(args.model, return_config=True)
+        vocab, ctx = _model_info(model, tokenizer, config)
+    except Exception as e:
+        return fatal(f"failed to load model from {args.model!r}: {type(e).__name__}: {e}",
+                     EXIT_LOAD)
+    log(f"loaded {args.model} in {time.monotonic() - t0:.2f}s: vocab {vocab}, ctx {ctx}, "
+        f"eos {sorted(tokenizer.eos_token_ids)}")
+
+    shared = Shared()
+    q: queue.Queue = queue.Queue()
+    worker = Worker(model, tokenizer, vocab=vocab, ctx=ctx, args=args, writer=writer,
+                    shared=shared, q=q)
+    writer.write(protocol.hello(
+        pid=os.getpid(), model=args.model, ctx=ctx, vocab=vocab,
+        eos=sorted(worker.eos), caps=protocol.CAPS,
+        versions={"krserve_worker": __version__, "mlx": mx.__version__,
+                  "mlx_lm": mlx_lm.__version__, "python": platform.python_version()},
+    ))
+    Reader(FrameReader(proto_in), writer, q, tokenizer, shared).start()
+    try:
+        return worker.run()
+    except BrokenPipeError:
+        log("supervisor closed the protocol pipe")
+        return EXIT_OK
