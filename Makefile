@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
 ARGS ?=
 
-.PHONY: all build venv model up test test-go test-py test-e2e vet fmt bench soak clean
+.PHONY: all build venv model prometheus up test test-go test-py vet bench soak clean
 
 all: build
 
@@ -30,6 +30,10 @@ venv: $(VENV)/.stamp
 model: venv
 	$(PY) -m krserve_worker.prepare
 
+# Debian's prometheus and promtool, unpacked under .cache/ (tests only).
+prometheus:
+	scripts/fetch-prometheus.sh
+
 up: build model
 	./bin/krserve up $(ARGS)
 
@@ -40,7 +44,7 @@ vet:
 test-go:
 	$(GO) test -race -count=1 ./...
 
-test-py: venv build model
+test-py: venv build model prometheus
 	KRSERVE_BIN=$(CURDIR)/bin/krserve $(PY) -m pytest -q tests/py
 
 test: vet test-go test-py

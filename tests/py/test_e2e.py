@@ -98,7 +98,17 @@ def test_four_in_flight_equal_batch_generate(server, inproc):
     bias = eos_bias(tok)
     prompts = [tok.encode(p) for p in PROMPTS]
     procs = make_logits_processors(logit_bias={int(k): v for k, v in bias.items()})
-    want = batch_generate(model, tok, prompts, max_tokens=MAX_TOKENS, logits_processors=procs).texts
+    batch = batch_generate(model, tok, prompts, max_tokens=MAX_TOKENS, logits_processors=procs,
+                           return_token_ids=True)
+    want = []
+    for ids in batch.token_ids:
+        # Detokenize the batch's tokens the way streaming does (as
+        # stream_generate and mlx_lm.server do), not with tokenizer.decode.
+        d = tok.detokenizer
+        for t in ids:
+            d.add_token(t)
+        d.finalize()
+        want.append(d.text)
 
     def one(p):
         return server.post("/v1/completions", {"model": "default", "prompt": p, "max_tokens": MAX_TOKENS,
