@@ -9,6 +9,7 @@
 package scheduler
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
@@ -76,6 +77,7 @@ type Scheduler struct {
 	slots       map[int]*slot
 	rr          int
 	windowStart time.Time
+	fast        bool // a request arrived to an empty queue and an idle worker
 	draining    bool
 	idle        chan struct{} // closed when draining and nothing is left
 	avgService  float64       // EMA of seconds from dispatch to done
@@ -136,11 +138,23 @@ func (s *Scheduler) Submit(r *Request) error {
 	}
 	r.Enqueued = now
 	r.slot = -1
+	if len(s.queue) == 0 && s.idleWorkerLocked() {
+		s.fast = true // decided now, not when Run wakes (more may arrive by then)
+	}
 	s.queue = append(s.queue, r)
 	s.queueTokens += len(r.Prompt)
 	s.m.NumRequestsWaiting.Set(float64(len(s.queue)))
 	s.poke()
 	return nil
+}
+
+func (s *Scheduler) idleWorkerLocked() bool {
+	for _, sl := range s.slots {
+		if !sl.draining && len(sl.inflight) == 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // estimatedWaitLocked predicts how long a new arrival waits before dispatch.
@@ -255,12 +269,19 @@ func (s *Scheduler) RemoveWorker(id int, cause string) {
 		if r.cancelled || r.finished {
 			continue
 		}
+		if len(r.generated) > 0 && len(r.generated) >= r.Params.MaxTokens {
+			// Every token was streamed; only the worker's done was lost. A
+			// resume would ask for max_tokens 0, which the worker refuses.
+			s.completeLocked(r, "length", s.cfg.Now())
+			continue
+		}
 		r.crashes++
 		if r.crashes >= s.cfg.MaxCrashes {
 			s.failLocked(r, &Error{Reason: ReasonWorkerCrash, Msg: fmt.Sprintf("request was in flight during %d worker crashes (last: %s); not retried again", r.crashes, cause)})
 			continue
 		}
 		if len(r.generated) > 0 {
+			r.lastToken = time.Time{} // the crash's pause is no inter-token gap
 			s.m.RequestsResumed.Inc()
 		} else {
 			s.m.RequestsRetried.Inc()
@@ -268,8 +289,11 @@ func (s *Scheduler) RemoveWorker(id int, cause string) {
 		back = append(back, r)
 	}
 	s.m.NumRequestsRunning.Sub(float64(len(sl.inflight)))
-	// Back at the head of the queue, oldest first.
-	slices.SortFunc(back, func(a, b *Request) int { return a.Enqueued.Compare(b.Enqueued) })
+	// Back at the head of the queue, oldest first. inflight is a map, so
+	// requests admitted at the same instant need the id as tie-break.
+	slices.SortFunc(back, func(a, b *Request) int {
+		return cmp.Or(a.Enqueued.Compare(b.Enqueued), cmp.Compare(a.ID, b.ID))
+	})
 	for _, r := range back {
 		s.queueTokens += len(r.Prompt)
 	}
@@ -311,11 +335,7 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 			s.failLocked(r, &Error{Reason: ReasonInternal, Msg: "worker cancelled the request"})
 			return nil
 		}
-		r.finished = true
-		s.m.RequestSuccess.WithLabelValues(reason).Inc()
-		s.observeDoneLocked(r, now)
-		r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: len(r.Prompt), CompletionTokens: len(r.generated)})
-		s.checkIdleLocked()
+		s.completeLocked(r, reason, now)
 	case ipc.TError:
 		s.releaseLocked(sl, r, now)
 		reason := ReasonInternal
@@ -327,6 +347,15 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 		return fmt.Errorf("%w: unexpected %q frame for request %d", ipc.ErrProtocol, m.T, m.ID)
 	}
 	return nil
+}
+
+// completeLocked ends r successfully with reason (stop or length).
+func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
+	r.finished = true
+	s.m.RequestSuccess.WithLabelValues(reason).Inc()
+	s.observeDoneLocked(r, now)
+	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: len(r.Prompt), CompletionTokens: len(r.generated)})
+	s.checkIdleLocked()
 }
 
 func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, now time.Time) {
@@ -451,9 +480,12 @@ func (s *Scheduler) dispatchLocked(now time.Time) time.Duration {
 	}
 	if len(s.queue) == 0 || free == 0 {
 		s.windowStart = time.Time{}
+		s.fast = false
 		return 0
 	}
-	if s.windowStart.IsZero() {
+	if s.fast {
+		s.windowStart = now
+	} else if s.windowStart.IsZero() {
 		s.windowStart = now
 		fast := len(s.queue) == 1 && idle
 		if !fast && len(s.queue) < free && s.cfg.Window > 0 {
@@ -464,6 +496,7 @@ func (s *Scheduler) dispatchLocked(now time.Time) time.Duration {
 	}
 	s.m.BatchWindowWait.Observe(now.Sub(s.windowStart).Seconds())
 	s.windowStart = time.Time{}
+	s.fast = false
 	s.assignLocked(now, b)
 	return 0
 }
@@ -537,8 +570,8 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 func (s *Scheduler) Drain() <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.draining {
-		s.draining = true
+	s.draining = true
+	if s.idle == nil { // Abort may have set draining already
 		s.idle = make(chan struct{})
 		s.checkIdleLocked()
 	}
@@ -570,6 +603,10 @@ func (s *Scheduler) Abort(msg string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.draining = true
+	if s.idle == nil { // without a Drain first, checkIdleLocked closed nil
+		s.idle = make(chan struct{})
+	}
+	defer s.checkIdleLocked() // also when nothing was in flight
 	for _, r := range s.queue {
 		s.failLocked(r, &Error{Reason: ReasonDraining, Msg: msg})
 	}
