@@ -126,7 +126,8 @@ func (r *Request) genMessage() *ipc.Message {
 // blocks on a slow client.
 type stream struct {
 	mu     sync.Mutex
-	events []Event
+	events []Event // events[head:] are pending
+	head   int
 	notify chan struct{}
 }
 
@@ -134,6 +135,12 @@ func newStream() stream { return stream{notify: make(chan struct{}, 1)} }
 
 func (s *stream) push(e Event) {
 	s.mu.Lock()
+	if s.head > 0 && len(s.events) == cap(s.events) {
+		// Reuse the consumed front instead of growing.
+		n := copy(s.events, s.events[s.head:])
+		clear(s.events[n:])
+		s.events, s.head = s.events[:n], 0
+	}
 	s.events = append(s.events, e)
 	s.mu.Unlock()
 	select {
@@ -145,12 +152,15 @@ func (s *stream) push(e Event) {
 func (s *stream) poll() (Event, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.events) == 0 {
+	if s.head == len(s.events) {
 		return Event{}, false
 	}
-	e := s.events[0]
-	s.events[0] = Event{}
-	s.events = s.events[1:]
+	e := s.events[s.head]
+	s.events[s.head] = Event{}
+	s.head++
+	if s.head == len(s.events) { // drained: keep the backing array
+		s.events, s.head = s.events[:0], 0
+	}
 	return e, true
 }
 
