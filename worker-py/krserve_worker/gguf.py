@@ -259,11 +259,13 @@ def _split_name(name: str) -> tuple[str, str]:
     return base, suffix
 
 
-# Pre-tokenizer families of llama.cpp (llama-vocab.cpp, by tokenizer.ggml.pre):
-# these run "\p{N}" (each digit its own piece) and then the GPT-2 regex.
-_PRE_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell", "exaone", "command-r", "minerva"}
-# these run the GPT-2 regex alone.
-_PRE_GPT2 = {"gpt2", "mpt", "olmo", "jais", "default"}
+# Pre-tokenizer names of llama.cpp (llama-vocab.cpp, tokenizer.ggml.pre), in
+# the two families that HF tokenizers expresses exactly:
+# "\p{N}" (each digit its own piece), then the GPT-2 regex ...
+_PRE_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+# ... or the GPT-2 regex alone. Not "default" (also what a missing key means):
+# llama.cpp runs four regexes for it and warns that quality is degraded.
+_PRE_GPT2 = {"gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "trillion", "granite-docling"}
 
 
 def _meta_int(meta, key, path, default=None):
@@ -312,7 +314,7 @@ def check(path) -> tuple[dict, list[dict]]:
             f"{path}: unsupported tokenizer tokenizer.ggml.model={tok_model!r}; "
             "only 'gpt2' (byte-level BPE) is supported"
         )
-    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre = meta.get("tokenizer.ggml.pre")
     if pre not in _PRE_DIGITS_THEN_GPT2 and pre not in _PRE_GPT2:
         raise GGUFError(
             f"{path}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r} (supported: "
@@ -468,7 +470,7 @@ def _build_tokenizer(meta: dict, path: str, out: str):
 
     bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
     tk = Tokenizer(bpe)
-    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre = meta["tokenizer.ggml.pre"]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _PRE_DIGITS_THEN_GPT2:
         # llama.cpp splits on "\p{N}" first: every digit is its own piece.
