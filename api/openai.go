@@ -3,8 +3,11 @@ package api
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"math"
+	"reflect"
 	"strings"
 )
 
@@ -75,16 +78,53 @@ func invalid(param, format string, args ...any) *apiError {
 	return &apiError{Status: 400, Type: "invalid_request_error", Param: param, Message: fmt.Sprintf(format, args...)}
 }
 
-// decodeStrict decodes one JSON value, refusing trailing data.
+// decodeJSON decodes one JSON value, refusing trailing data. A field of the
+// wrong type is named in the error's param.
 func decodeJSON(body []byte, v any) *apiError {
 	dec := json.NewDecoder(bytes.NewReader(body))
-	if err := dec.Decode(v); err != nil {
+	err := dec.Decode(v)
+	var te *json.UnmarshalTypeError
+	if err != nil && !(errors.As(err, &te) && te.Field != "") {
 		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_json", Message: "request body is not valid JSON: " + err.Error()}
 	}
-	if dec.More() {
+	// A type error still consumed the whole value. dec.More() would accept
+	// a stray '}' or ']': only whitespace may follow.
+	if _, err := dec.Token(); err != io.EOF {
 		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_json", Message: "request body has data after the JSON object"}
 	}
+	if te != nil {
+		// Field is the Go path; the embedded struct's name is not part of the JSON.
+		param := strings.TrimPrefix(te.Field, "commonRequest.")
+		want := jsonKind(te.Type)
+		msg := fmt.Sprintf("invalid type for %s: expected %s, got %s", param, want, te.Value)
+		if want == "a number" && strings.HasPrefix(te.Value, "number") {
+			msg = fmt.Sprintf("invalid value for %s: %s is out of range", param, te.Value)
+		}
+		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_type", Param: param, Message: msg}
+	}
 	return nil
+}
+
+// jsonKind names the JSON type a Go type decodes from.
+func jsonKind(t reflect.Type) string {
+	if t == nil {
+		return "another type"
+	}
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64, reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Map, reflect.Struct:
+		return "an object"
+	}
+	return "another type"
 }
 
 func isNull(r json.RawMessage) bool {
@@ -185,6 +225,9 @@ func parsePrompt(r json.RawMessage) (text string, ids []int32, e *apiError) {
 	}
 	var strs []string
 	if err := json.Unmarshal(r, &strs); err == nil {
+		if len(strs) == 0 {
+			return "", nil, invalid("prompt", "prompt must not be empty")
+		}
 		if len(strs) != 1 {
 			return "", nil, invalid("prompt", "an array of %d prompts is not supported; send one prompt per request", len(strs))
 		}

@@ -99,6 +99,13 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/completions", s.v1(s.completion))
 	mux.HandleFunc("GET /v1/models", s.v1(s.models))
 	mux.HandleFunc("/v1/", s.v1(func(w http.ResponseWriter, r *http.Request) {
+		// This catch-all also gets known paths with the wrong method
+		// (the mux answers 405 only when no other pattern matches).
+		if allow, ok := v1Methods[r.URL.Path]; ok {
+			w.Header().Set("Allow", allow)
+			writeError(w, &apiError{Status: 405, Type: "invalid_request_error", Code: "method_not_allowed", Message: fmt.Sprintf("%s is not allowed on %s; use %s", r.Method, r.URL.Path, allow)})
+			return
+		}
 		writeError(w, &apiError{Status: 404, Type: "invalid_request_error", Code: "not_found", Message: fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path)})
 	}))
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
@@ -119,6 +126,9 @@ func (s *Server) Handler() http.Handler {
 	})))
 	return mux
 }
+
+// v1Methods lists the methods of the /v1 routes (Allow header of a 405).
+var v1Methods = map[string]string{"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET, HEAD"}
 
 // ops1 guards /metrics and /stats with the API key when ProtectOps is set.
 func (s *Server) ops1(h http.Handler) http.Handler {
@@ -292,16 +302,16 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 	}
 	p := &j.params
 	p.MaxTokens = s.cfg.DefaultMaxTokens
-	mt := q.MaxTokens
+	mt, mtName := q.MaxTokens, "max_tokens"
 	if q.MaxCompletionTokens != nil {
-		mt = q.MaxCompletionTokens
+		mt, mtName = q.MaxCompletionTokens, "max_completion_tokens"
 	}
 	if mt != nil {
 		if *mt < 1 {
-			return nil, invalid("max_tokens", "max_tokens must be at least 1; got %d", *mt)
+			return nil, invalid(mtName, "%s must be at least 1; got %d", mtName, *mt)
 		}
 		if *mt > s.cfg.MaxTokens {
-			return nil, invalid("max_tokens", "max_tokens may be at most %d; got %d", s.cfg.MaxTokens, *mt)
+			return nil, invalid(mtName, "%s may be at most %d; got %d", mtName, s.cfg.MaxTokens, *mt)
 		}
 		p.MaxTokens = *mt
 	}
@@ -332,9 +342,13 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 		}
 		p.MinP = *q.MinP
 	}
-	for name, v := range map[string]*float64{"presence_penalty": q.PresencePenalty, "frequency_penalty": q.FrequencyPenalty} {
-		if v != nil && (*v < -2 || *v > 2 || math.IsNaN(*v)) {
-			return nil, invalid(name, "%s must be between -2 and 2; got %v", name, *v)
+	// A slice, not a map: with both out of range the error must not vary.
+	for _, pen := range []struct {
+		name string
+		v    *float64
+	}{{"presence_penalty", q.PresencePenalty}, {"frequency_penalty", q.FrequencyPenalty}} {
+		if v := pen.v; v != nil && (*v < -2 || *v > 2 || math.IsNaN(*v)) {
+			return nil, invalid(pen.name, "%s must be between -2 and 2; got %v", pen.name, *v)
 		}
 	}
 	if q.PresencePenalty != nil {
@@ -372,6 +386,9 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 			if v < -100 || v > 100 || math.IsNaN(v) {
 				return nil, invalid("logit_bias", "logit_bias values must be between -100 and 100; got %v", v)
 			}
+			if _, dup := p.LogitBias[int32(id)]; dup { // "5" and "05": which won would depend on map order
+				return nil, invalid("logit_bias", "logit_bias names token %d twice", id)
+			}
 			p.LogitBias[int32(id)] = v
 		}
 	}
@@ -395,7 +412,11 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 		if *q.Timeout <= 0 || math.IsNaN(*q.Timeout) {
 			return nil, invalid("timeout", "timeout must be a positive number of seconds")
 		}
-		j.timeout = min(time.Duration(*q.Timeout*float64(time.Second)), s.cfg.MaxTimeout)
+		// Compare in seconds: a huge value overflows time.Duration (negative).
+		j.timeout = s.cfg.MaxTimeout
+		if *q.Timeout < s.cfg.MaxTimeout.Seconds() {
+			j.timeout = time.Duration(*q.Timeout * float64(time.Second))
+		}
 	}
 	return j, nil
 }
@@ -438,8 +459,10 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, tm *ipc.Mes
 			case errors.Is(err, supervisor.ErrNoWorker):
 				w.Header().Set("Retry-After", "1")
 				s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "no_worker", Message: "no worker is available right now; retry shortly"})
+			case errors.Is(ctx.Err(), context.DeadlineExceeded):
+				s.refuse(w, r, &apiError{Status: 504, Type: "timeout_error", Code: "timeout", Message: "request timed out while tokenizing the prompt"})
 			case ctx.Err() != nil:
-				return // client gone or timed out while tokenizing
+				return // client gone while tokenizing
 			default:
 				s.refuse(w, r, &apiError{Status: 500, Type: "server_error", Message: "tokenizing the prompt failed: " + err.Error()})
 			}
@@ -458,7 +481,11 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, tm *ipc.Mes
 	}
 	if hello.Context > 0 {
 		if len(ids) >= hello.Context {
-			s.refuse(w, r, &apiError{Status: 400, Type: "invalid_request_error", Code: "context_length_exceeded", Param: "messages",
+			param := "messages"
+			if !j.chat {
+				param = "prompt"
+			}
+			s.refuse(w, r, &apiError{Status: 400, Type: "invalid_request_error", Code: "context_length_exceeded", Param: param,
 				Message: fmt.Sprintf("This model's maximum context length is %d tokens. However, your prompt has %d tokens.", hello.Context, len(ids))})
 			return
 		}
@@ -629,14 +656,18 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			return
 		}
 	}
-	ka := time.NewTicker(s.cfg.KeepAlive)
-	defer ka.Stop()
+	var tick <-chan time.Time // nil: no keep-alives (NewTicker panics on <= 0)
+	if s.cfg.KeepAlive > 0 {
+		ka := time.NewTicker(s.cfg.KeepAlive)
+		defer ka.Stop()
+		tick = ka.C
+	}
 	keepAlive := func() {
 		_, _ = io.WriteString(w, ": keep-alive\n\n")
 		_ = rc.Flush()
 	}
 	for {
-		ev := s.wait(ctx, req, ka.C, keepAlive)
+		ev := s.wait(ctx, req, tick, keepAlive)
 		if ev.Text != "" {
 			t := ev.Text
 			if !send(chunk(&t, "", nil, nil)) {
