@@ -17,6 +17,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/krserve/krserve/ipc"
 )
@@ -56,7 +57,9 @@ func (e *Exit) String() string {
 	if e.Signal != 0 {
 		fmt.Fprintf(&b, "killed by %s", e.SignalName())
 		if e.Signal == syscall.SIGKILL && !e.Intended {
-			b.WriteString(" (out of memory killer or an operator)")
+			if e.Err == nil { // not the supervisor's own kill
+				b.WriteString(" (out of memory killer or an operator)")
+			}
 		}
 	} else {
 		fmt.Fprintf(&b, "exited with status %d", e.Code)
@@ -86,10 +89,14 @@ type Process struct {
 	stopping chan struct{} // closed when stop begins: no more sends
 
 	failOnce sync.Once
-	failErr  error
 
-	done chan struct{} // closed by the reaper after Wait and all readers
-	exit *Exit
+	mu      sync.Mutex
+	failErr error // set by fail from any goroutine, read by the reaper
+	reaped  bool  // the pid is reaped: signalling it could hit a stranger
+
+	exited chan struct{} // closed once the child is reaped
+	done   chan struct{} // closed by the reaper after Wait and all readers
+	exit   *Exit
 }
 
 // Start launches the worker. onMsg is called for every decoded frame; an error
@@ -101,6 +108,7 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 		tail:     newTailWriter(log, 40),
 		out:      make(chan []byte, 256),
 		stopping: make(chan struct{}),
+		exited:   make(chan struct{}),
 		done:     make(chan struct{}),
 	}
 	inR, inW, err := os.Pipe()
@@ -133,7 +141,7 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 	// returns.
 	started := make(chan error, 1)
 	var waitErr error
-	reaped := make(chan struct{})
+	reaped := p.exited
 	go func() {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
@@ -143,6 +151,18 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 			return
 		}
 		started <- nil
+		// Wait for the exit without reaping: while the worker is a zombie its
+		// pid, and so its process group id, cannot be reused. Kill what it
+		// left in its group (a subprocess holding its stdout or stderr would
+		// keep the readers, and Done, waiting forever), then reap.
+		pid := cmd.Process.Pid
+		exited := waitExited(pid)
+		p.mu.Lock()
+		if exited {
+			_ = syscall.Kill(-pid, syscall.SIGKILL)
+		}
+		p.reaped = true
+		p.mu.Unlock()
 		waitErr = cmd.Wait()
 		close(reaped)
 	}()
@@ -179,7 +199,13 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 			select {
 			case f := <-p.out:
 				if _, err := inW.Write(f); err != nil {
-					p.fail(fmt.Errorf("write to worker: %w", err))
+					// EPIPE: the worker closed its input, so it is exiting and its
+					// exit says why (blaming the write would hide a crash's
+					// cause); if it lingers, the heartbeat or the full queue
+					// ends it.
+					if !errors.Is(err, syscall.EPIPE) {
+						p.fail(fmt.Errorf("write to worker: %w", err))
+					}
 					return
 				}
 			case <-p.stopping:
@@ -239,7 +265,9 @@ func (p *Process) readLoop(r io.Reader, onMsg func(*ipc.Message) error) {
 // fail records why the worker is considered broken and kills it.
 func (p *Process) fail(err error) {
 	p.failOnce.Do(func() {
+		p.mu.Lock()
 		p.failErr = err
+		p.mu.Unlock()
 		p.log.Error("worker broken, killing it", "worker", p.ID, "pid", p.PID, "err", err)
 		p.signalGroup(syscall.SIGKILL)
 	})
@@ -255,6 +283,8 @@ func (p *Process) Kill(err error) { p.fail(err) }
 func (p *Process) Send(frames []byte) error {
 	select {
 	case <-p.stopping:
+		return ErrStopped
+	case <-p.exited: // died on its own: nobody writes the queue any more
 		return ErrStopped
 	default:
 	}
@@ -310,19 +340,37 @@ func (p *Process) Stop(grace time.Duration) *Exit {
 // signalGroup signals the worker's process group; a group that is already
 // gone is not an error.
 func (p *Process) signalGroup(sig syscall.Signal) {
-	if p.PID > 0 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.PID > 0 && !p.reaped {
 		_ = syscall.Kill(-p.PID, sig)
+	}
+}
+
+// waitExited blocks until child pid has exited, without reaping it
+// (waitid with WNOWAIT); false if it could not wait.
+func waitExited(pid int) bool {
+	const pPID, wNOWAIT = 1, 0x01000000
+	var info [128]byte // siginfo_t
+	for {
+		_, _, errno := syscall.Syscall6(syscall.SYS_WAITID, pPID, uintptr(pid), uintptr(unsafe.Pointer(&info)), syscall.WEXITED|wNOWAIT, 0, 0)
+		if errno != syscall.EINTR {
+			return errno == 0
+		}
 	}
 }
 
 func classify(waitErr error, p *Process) *Exit {
 	e := &Exit{Code: 0, At: time.Now(), Uptime: time.Since(p.started), Stderr: p.tail.lines()}
+	p.mu.Lock()
+	failErr := p.failErr
+	p.mu.Unlock()
 	select {
 	case <-p.stopping:
-		e.Intended = p.failErr == nil
+		e.Intended = failErr == nil
 	default:
 	}
-	e.Err = p.failErr
+	e.Err = failErr
 	var ee *exec.ExitError
 	if errors.As(waitErr, &ee) {
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {

@@ -28,7 +28,7 @@ func (t *tailWriter) Write(p []byte) (int, error) {
 	t.partial = append(t.partial, p...)
 	for {
 		i := bytes.IndexByte(t.partial, '\n')
-		if i < 0 {
+		if i < 0 || i > maxLine {
 			if len(t.partial) > maxLine {
 				t.lineLocked(t.partial[:maxLine])
 				t.partial = append(t.partial[:0], t.partial[maxLine:]...)
