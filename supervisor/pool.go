@@ -199,10 +199,11 @@ func (p *Pool) runSlot(ctx context.Context, s *slotState) {
 			if ctx.Err() != nil {
 				break
 			}
-			wait, giveUp := s.restart.failure(p.now())
 			p.m.WorkerRestarts.WithLabelValues("start_failure").Inc()
 			s.mu.Lock()
+			wait, giveUp := s.restart.failure(p.now()) // under s.mu: Status reads the score
 			s.failure = err.Error()
+			s.proc = nil
 			s.mu.Unlock()
 			if giveUp {
 				p.setState(s, StateFailed)
@@ -241,7 +242,9 @@ func (p *Pool) runSlot(ctx context.Context, s *slotState) {
 		if reason == "recycle" {
 			continue
 		}
+		s.mu.Lock()
 		wait, giveUp := s.restart.failure(p.now())
+		s.mu.Unlock()
 		if giveUp {
 			p.setState(s, StateFailed)
 			s.mu.Lock()
@@ -285,6 +288,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 	helloCh := make(chan *ipc.Message, 1)
 	var proc *Process
 	var gotHello atomic.Bool
+	var fatal string // this process's fatal error frame; read after Done (the reader has finished)
 	onMsg := func(m *ipc.Message) error {
 		switch m.T {
 		case ipc.THello:
@@ -310,6 +314,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		case ipc.TError:
 			if m.ID == 0 {
 				log.Error("worker reported a fatal error", "code", m.Code, "msg", m.Msg)
+				fatal = m.Msg
 				s.mu.Lock()
 				s.failure = m.Msg
 				s.mu.Unlock()
@@ -353,11 +358,8 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		return proc, nil
 	case <-proc.Done():
 		e := proc.Exit()
-		s.mu.Lock()
-		why := s.failure
-		s.mu.Unlock()
-		if why != "" {
-			return nil, fmt.Errorf("worker exited before hello: %s (%s)", why, e)
+		if fatal != "" {
+			return nil, fmt.Errorf("worker exited before hello: %s (%s)", fatal, e)
 		}
 		return nil, fmt.Errorf("worker exited before hello: %s", e)
 	case <-timer.C:
@@ -385,7 +387,7 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 	var seq uint64
 	var pingAt time.Time
 	var outstanding bool
-	recycling := false
+	recycling, stopping := false, false
 	for {
 		select {
 		case <-proc.Done():
@@ -404,6 +406,11 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 			proc.Stop(p.cfg.StopGrace)
 			return "stop"
 		case <-tick.C:
+			if stopping {
+				// A recycle stop is under way and ends in SIGKILL; no pings are
+				// sent any more, so the heartbeat must not call it wedged.
+				continue
+			}
 			now := p.now()
 			s.mu.Lock()
 			last := s.lastPong
@@ -429,6 +436,7 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 				log.Info("recycling worker", "served", served, "rss", pong.RSS)
 			}
 			if recycling && inflight == 0 {
+				stopping = true
 				go proc.Stop(p.cfg.StopGrace)
 				continue
 			}
