@@ -147,8 +147,10 @@ func testDisconnects(t *testing.T, early func(i int) bool) {
 	if got := testutil.ToFloat64(h.m.NumRequestsRunning) + testutil.ToFloat64(h.m.NumRequestsWaiting); got != 0 {
 		t.Errorf("running+waiting gauges %v, want 0", got)
 	}
-	if n := h.front.active.Load(); n != 0 {
-		t.Errorf("%d requests still counted as being served", n)
+	// The handlers return (and leave the concurrency count) just after
+	// their request ended in the scheduler.
+	if err := h.handlersDone(30 * time.Second); err != nil {
+		t.Error(err)
 	}
 
 	// No goroutine left behind: handlers, connections, keep-alive tickers.
@@ -234,12 +236,8 @@ func TestClientDisconnectNotStreamed(t *testing.T) {
 			t.Errorf("request %d: %d cancels", id, cancels[id])
 		}
 	}
-	deadline = time.Now().Add(5 * time.Second)
-	for h.front.active.Load() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d requests still being served", h.front.active.Load())
-		}
-		time.Sleep(time.Millisecond)
+	if err := h.handlersDone(5 * time.Second); err != nil {
+		t.Fatal(err)
 	}
 	if got := testutil.ToFloat64(h.m.ClientDisconnects); got != 2 {
 		t.Errorf("client disconnects counted: %v, want 2", got)

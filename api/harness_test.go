@@ -535,6 +535,18 @@ func (h *harness) idle(d time.Duration) error {
 	}
 }
 
+// handlersDone waits until no request is counted as being served.
+func (h *harness) handlersDone(d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for h.front.active.Load() != 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d requests still counted as being served after %s", h.front.active.Load(), d)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil
+}
+
 // --------------------------------------------------------- response parsing
 
 type errorEnvelope struct {

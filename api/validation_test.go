@@ -484,11 +484,9 @@ func TestTooManyConnections(t *testing.T) {
 			t.Fatalf("held stream: %v %q", err, data)
 		}
 	}
-	// The slots are free again (the handlers have returned once the body
-	// ended, but the counter drops after; poll briefly).
-	deadline := time.Now().Add(5 * time.Second)
-	for h.front.active.Load() != 0 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
+	// The slots are free again (the counter drops just after the body ends).
+	if err := h.handlersDone(5 * time.Second); err != nil {
+		t.Fatal(err)
 	}
 	if resp, body := h.do("POST", chatPath, chatJSON(``)); resp.StatusCode != 200 {
 		t.Errorf("after the held requests ended: %d %s", resp.StatusCode, body)
