@@ -380,6 +380,18 @@ def test_tokenizer_matches_reference_bpe(smol_dir, smol_meta, smol_loaded):
 
 
 @pytest.mark.model
+def test_header_reader_agrees_with_mlx(smol_gguf, smol_meta):
+    meta, tensors = gguf.read_header(smol_gguf)
+    for key, want in smol_meta.items():
+        got = meta[key]
+        if hasattr(want, "tolist"):
+            want = want.tolist()
+        assert got == pytest.approx(want) if isinstance(want, float) else got == want, key
+    assert len(tensors) == 30 * 9 + 2 and {t["type"] for t in tensors} == {"Q4_1", "Q8_0", "F32"}
+    assert tensors[-1]["offset"] + tensors[-1]["nbytes"] <= os.path.getsize(smol_gguf)
+
+
+@pytest.mark.model
 def test_tokenizer_metadata(smol_dir, smol_meta):
     from transformers import AutoTokenizer
 

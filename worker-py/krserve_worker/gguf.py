@@ -112,6 +112,30 @@ class _Reader:
             # Some vocabularies hold invalid UTF-8 pieces; keep them usable.
             return raw.decode("utf-8", errors="replace")
 
+    def _strings(self, count: int, key: str) -> list[str]:
+        # The hot loop of the header (tokens, merges): kept tight.
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self._need(8, f"element {i} of {key}")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                self._need(n, f"element {i} of {key}")
+            raw = buf[pos : pos + n]
+            pos += n
+            try:
+                append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                append(raw.decode("utf-8", errors="replace"))
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, key: str):
         if vtype == _STRING:
             return self.string(f"string value of {key}")
@@ -121,7 +145,7 @@ class _Reader:
             etype = self.scalar("I", f"array type of {key}")
             count = self.scalar("Q", f"array length of {key}")
             if etype == _STRING:
-                return [self.string(f"element {i} of {key}") for i in range(count)]
+                return self._strings(count, key)
             if etype in _SCALAR_FMT:
                 fmt = _SCALAR_FMT[etype]
                 n = struct.calcsize("<" + fmt) * count
