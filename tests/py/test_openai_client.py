@@ -77,7 +77,7 @@ def test_stop_sequence_cuts_and_does_not_leak(client):
 
 
 def test_seed_makes_sampling_reproducible(client):
-    kw = dict(model="default", max_tokens=24, temperature=1.0, top_p=0.95,
+    kw = dict(model="default", max_tokens=16, temperature=1.0, top_p=0.95,
               messages=[{"role": "user", "content": "Write a short poem about the sea."}])
     a = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
@@ -87,7 +87,7 @@ def test_seed_makes_sampling_reproducible(client):
 
 
 def test_penalties_change_the_output(client):
-    kw = dict(model="default", max_tokens=40, temperature=0, prompt="the the the the the the")
+    kw = dict(model="default", max_tokens=24, temperature=0, prompt="the the the the the the")
     plain = client.completions.create(**kw).choices[0].text
     pen = client.completions.create(frequency_penalty=2.0, presence_penalty=2.0, **kw).choices[0].text
     rep = client.completions.create(extra_body={"repetition_penalty": 1.8}, **kw).choices[0].text
