@@ -57,7 +57,14 @@ type upConfig struct {
 }
 
 func newUpCmd() *cobra.Command {
-	c := upConfig{API: api.DefaultConfig()}
+	var c upConfig
+	return newUpCmdFor(&c)
+}
+
+// newUpCmdFor binds the flags of `krserve up` to *cp (tests read it back).
+func newUpCmdFor(cp *upConfig) *cobra.Command {
+	*cp = upConfig{API: api.DefaultConfig()}
+	c := cp
 	cmd := &cobra.Command{
 		Use:   "up",
 		Short: "Start the supervisor, its workers and the HTTP server (foreground)",
@@ -67,7 +74,7 @@ func newUpCmd() *cobra.Command {
 			if err := applyEnv(cmd.Flags(), os.LookupEnv); err != nil {
 				return err
 			}
-			return runUp(cmd.Context(), c)
+			return runUp(cmd.Context(), *c)
 		},
 	}
 	f := cmd.Flags()

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestApplyEnv(t *testing.T) {
+	cases := []struct {
+		name    string
+		env     map[string]string
+		args    []string
+		check   func(c upConfig) bool
+		wantErr string
+	}{
+		{"kr-serve-mlx batch size", map[string]string{"MLX_GPU_SCHEDULER_BATCH_SIZE": "12"}, nil,
+			func(c upConfig) bool { return c.BatchSize == 12 }, ""},
+		{"flag wins over env", map[string]string{"MLX_GPU_SCHEDULER_BATCH_SIZE": "12"}, []string{"--batch-size", "3"},
+			func(c upConfig) bool { return c.BatchSize == 3 }, ""},
+		{"window and target", map[string]string{"MLX_GPU_SCHEDULER_WINDOW_MS": "1.5", "MLX_GPU_SCHEDULER_P99_THRESHOLD_MS": "80"}, nil,
+			func(c upConfig) bool { return c.WindowMS == 1.5 && c.P99TargetMS == 80 }, ""},
+		{"auto-tune on/off words", map[string]string{"MLX_AUTO_TUNE": "on", "MLX_AUTO_TUNE_MIN_BATCH": "3", "MLX_AUTO_TUNE_MAX_BATCH": "24",
+			"MLX_AUTO_TUNE_EMA_ALPHA": "0.5", "MLX_AUTO_TUNE_INTERVAL": "4"}, nil,
+			func(c upConfig) bool {
+				return c.AutoTune && c.TuneMin == 3 && c.TuneMax == 24 && c.TuneAlpha == 0.5 && c.TuneInterval == 4
+			}, ""},
+		{"metrics export default port", map[string]string{"MLX_METRICS_EXPORT": "on"}, nil,
+			func(c upConfig) bool { return c.MetricsAddr == "127.0.0.1:9090" }, ""},
+		{"metrics export custom port", map[string]string{"MLX_METRICS_EXPORT": "true", "MLX_METRICS_PORT": "9191"}, nil,
+			func(c upConfig) bool { return c.MetricsAddr == "127.0.0.1:9191" }, ""},
+		{"metrics export off", map[string]string{"MLX_METRICS_EXPORT": "off", "MLX_METRICS_PORT": "9191"}, nil,
+			func(c upConfig) bool { return c.MetricsAddr == "" }, ""},
+		{"api key", map[string]string{"KRSERVE_API_KEY": "s3cret"}, nil,
+			func(c upConfig) bool { return c.APIKey == "s3cret" }, ""},
+		{"bad number names the variable", map[string]string{"MLX_GPU_SCHEDULER_BATCH_SIZE": "many"}, nil, nil, "MLX_GPU_SCHEDULER_BATCH_SIZE"},
+		{"bad on/off", map[string]string{"MLX_AUTO_TUNE": "maybe"}, nil, nil, "MLX_AUTO_TUNE"},
+		{"bad port", map[string]string{"MLX_METRICS_EXPORT": "on", "MLX_METRICS_PORT": "99999"}, nil, nil, "MLX_METRICS_PORT"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var c upConfig
+			cmd := newUpCmdFor(&c)
+			if err := cmd.Flags().Parse(tc.args); err != nil {
+				t.Fatal(err)
+			}
+			err := applyEnv(cmd.Flags(), func(k string) (string, bool) { v, ok := tc.env[k]; return v, ok })
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("got %v, want error naming %s", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tc.check(c) {
+				t.Fatalf("config not as expected: %+v", c)
+			}
+		})
+	}
+}
+
+func TestWorkerEnvIsBuiltNotInherited(t *testing.T) {
+	env := workerEnv([]string{"PATH=/bin", "HOME=/root", "KRSERVE_API_KEY=s3cret", "AWS_SECRET_ACCESS_KEY=x",
+		"GITHUB_TOKEN=y", "OPENAI_API_KEY=z", "MLX_METAL_DEBUG=1", "RANDOM_THING=1", "KRSERVE_WORKER_NOISE=1"}, true)
+	for _, bad := range []string{"KRSERVE_API_KEY=s3cret", "AWS_SECRET_ACCESS_KEY=x", "GITHUB_TOKEN=y", "OPENAI_API_KEY=z", "RANDOM_THING=1"} {
+		if slices.Contains(env, bad) {
+			t.Errorf("%s reached the worker", bad)
+		}
+	}
+	for _, good := range []string{"PATH=/bin", "HOME=/root", "MLX_METAL_DEBUG=1", "KRSERVE_WORKER_NOISE=1", "PYTHONUNBUFFERED=1", "HF_HUB_OFFLINE=1"} {
+		if !slices.Contains(env, good) {
+			t.Errorf("%s missing from the worker environment %v", good, env)
+		}
+	}
+}
