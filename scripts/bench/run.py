@@ -26,6 +26,12 @@ concurrency aggregate tok/s and P50/P99 TTFT, mlx_lm.server vs krserve),
 compare_*.md (``krserve bench --compare`` of round 1), and PNG charts when
 matplotlib is installed (``pip install -r scripts/bench/requirements.txt``).
 
+Servers run with their own defaults except: mlx_lm.server --temp 0,
+--max-tokens, --decode-concurrency = the largest sweep level, --log-level WARNING;
+krserve --log-level warn. krserve decodes --batch-size 8 sequences per worker by
+default: to match mlx_lm.server at high concurrency pass e.g.
+--krserve-args "--batch-size 64" (the summary lists both command lines).
+
 Every server it starts runs in its own session and is stopped at the end
 (SIGTERM, then SIGKILL of its process group after --stop-timeout), also on
 Ctrl-C or an error. All waits are bounded (--startup-timeout, --run-timeout).
@@ -146,6 +152,7 @@ class Server:
 
 STARTED: list[Server] = []
 LOADAVG: dict[str, str] = {}
+SERVER_CMDS: list[str] = []
 
 
 def loadavg() -> str:
@@ -215,6 +222,7 @@ class Runner:
         self.args, self.out = args, out
         self.cmdlog = open(out / "commands.txt", "a")
         self.failures: list[str] = []
+        self.n_questions = len(INPROC.read_questions(args.questions))
 
     def run(self, cmd: list[str], what: str, jsonpath: Path) -> bool:
         self.cmdlog.write(shlex.join(cmd) + "\n")
@@ -239,7 +247,8 @@ class Runner:
     def inprocess(self, jsonpath: Path) -> bool:
         a = self.args
         cmd = [a.python, str(HERE / "inprocess.py"), "--model", a.model, "--questions", a.questions,
-               "--max-tokens", str(a.max_tokens), "--json", str(jsonpath), "--warmup", str(a.warmup),
+               "--max-tokens", str(a.max_tokens), "--json", str(jsonpath),
+               "--warmup", str(self.n_questions if a.warm_pass else a.warmup),
                "--name", LABELS["inprocess"], "--engine", a.inprocess_engine, "--quiet"]
         if a.seq_requests:
             cmd += ["--requests", str(a.seq_requests)]
@@ -493,7 +502,9 @@ def environment(args) -> list[str]:
         f"- krserve: `{args.krserve}` at commit {commit}; load generator: `{args.bench} bench`",
         f"- in-process engine: mlx-lm {args.inprocess_engine}\n"
         f"- max_tokens {args.max_tokens}, greedy (temperature 0), ignore_eos {'on' if args.ignore_eos else 'off'}"
-        f", warmup {args.warmup} request(s) per run, {args.rounds} round(s)",
+        + (f", warm pass over all {len(INPROC.read_questions(args.questions))} questions per engine before measuring"
+           if args.warm_pass else "")
+        + f", warmup {args.warmup} request(s) per run, {args.rounds} round(s)",
     ]
     return lines
 
@@ -506,7 +517,8 @@ def write_summary(args, out: Path, targets: list[str], levels: list[int], runner
     lines = ["# krserve benchmark", "", f"Started {started}; written {datetime.datetime.now().isoformat(timespec='seconds')}.", ""]
     lines += ENV_LINES + [
         f"- load average (1 min): {LOADAVG.get('start', '?')} at start, {LOADAVG.get('end', '?')} at end "
-        f"({os.cpu_count()} CPUs; near or above the CPU count, other work shared the machine and numbers are noisy)", ""]
+        f"({os.cpu_count()} CPUs; near or above the CPU count, other work shared the machine and numbers are noisy)",
+    ] + SERVER_CMDS + [""]
     lines += ["Method: TTFT = request start to first non-empty text (HTTP: first content chunk); "
               "response time = request start to end of stream; tok/s per request = completion tokens / response "
               "time (TTFT included); inter-token gap = time between content chunks. Percentiles interpolate "
@@ -519,6 +531,12 @@ def write_summary(args, out: Path, targets: list[str], levels: list[int], runner
         n_q = next(r for r in seq.values() if r)["run"]["requests"]
         lines += [f"## Sequential scenario ({n_q} questions, one at a time)", ""]
         lines += sequential_tables(seq)
+        totals = {LABELS[t]: r["total_tokens"] for t, r in seq.items() if r}
+        if len(set(totals.values())) > 1:
+            lines += [f"Token totals differ ({', '.join(f'{k} {v:,}' for k, v in totals.items())}): compare "
+                      "`tokens` and `finish_reason` per record. mlx-lm (stream_generate, mlx_lm.server) counts "
+                      "the EOS token as generated; a server that does not reports one token fewer per request "
+                      "that stopped on EOS. Different text under greedy decoding would be a bug.", ""]
         lines += ["### Per round", ""] + per_round_table(seq_rounds)
     if any(any(v.values()) for v in sweep.values()):
         lines += ["## Concurrency sweep (closed loop: each client keeps one request in flight)", ""]
@@ -565,6 +583,10 @@ def parse_args(argv=None):
     ap.add_argument("--requests-per-level", type=int, default=0, help="requests per sweep level (default max(2c, 16))")
     ap.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating engines")
     ap.add_argument("--warmup", type=int, default=1, help="unrecorded requests before each run")
+    ap.add_argument("--no-warm-pass", dest="warm_pass", action="store_false",
+                    help="skip the unrecorded pass over every question that each engine makes before it is "
+                    "measured (MLX pays first-use costs per new shape; servers are long-lived, the in-process "
+                    "baseline is a fresh process each round)")
     ap.add_argument("--ignore-eos", action="store_true", help="every request makes max-tokens tokens (in-process, krserve)")
     ap.add_argument("--inprocess-engine", choices=["stream_generate", "batch"], default="stream_generate",
                     help="in-process loop: mlx-lm stream_generate (kr-serve-mlx's baseline) or a BatchGenerator with "
@@ -632,14 +654,22 @@ def main(argv=None) -> int:
         if "krserve" in args.targets:
             port = free_port()
             cmd = [args.krserve, "up", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
-                   "--workers", str(args.workers)] + shlex.split(args.krserve_args)
+                   "--workers", str(args.workers), "--log-level", "warn"] + shlex.split(args.krserve_args)
             servers["krserve"] = Server("krserve", cmd, port, out / "krserve.server.log")
         for s in servers.values():
+            runner.cmdlog.write("# server: " + shlex.join(s.cmd) + "\n")
+            SERVER_CMDS.append(f"- {s.name}: `{shlex.join(s.cmd)}`")
             s.start()
         if "mlx" in servers:
             wait_ready(servers["mlx"], chat_probe(servers["mlx"], model_names["mlx"]), args.startup_timeout)
         if "krserve" in servers:
             wait_ready(servers["krserve"], ready_probe(servers["krserve"]), args.startup_timeout)
+
+        if args.warm_pass:
+            # Unrecorded: every question once on each server, so that servers and the in-process
+            # baseline (which warms the same way inside its own process) are all measured warm.
+            for t, srv in servers.items():
+                runner.bench(t, srv, model_names[t], 1, runner.n_questions, out / f"warm_{t}.json")
 
         for rnd in range(1, args.rounds + 1):
             shift = (rnd - 1) % len(args.targets)
@@ -650,7 +680,7 @@ def main(argv=None) -> int:
                 if t == "inprocess":
                     runner.inprocess(path)
                 else:
-                    n = args.seq_requests or len(INPROC.read_questions(args.questions))
+                    n = args.seq_requests or runner.n_questions
                     runner.bench(t, servers[t], model_names[t], 1, n, path)
             sorder = [t for t in order if t != "inprocess"]
             for c in args.levels:
