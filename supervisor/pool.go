@@ -134,6 +134,9 @@ type Pool struct {
 	ready   chan struct{} // closed at the first hello
 	readyOn sync.Once
 
+	upMu sync.Mutex
+	upCh chan struct{} // closed (and dropped) when a slot changes state
+
 	pendMu  sync.Mutex
 	pending map[uint64]chan *ipc.Message
 	rr      atomic.Uint64
@@ -187,6 +190,13 @@ func (p *Pool) setState(s *slotState, st string) {
 	if st == StateReady || st == StateDraining {
 		up = 1
 	}
+	// Wake Tokenize calls waiting for a worker: they look again.
+	p.upMu.Lock()
+	if p.upCh != nil {
+		close(p.upCh)
+		p.upCh = nil
+	}
+	p.upMu.Unlock()
 	p.m.WorkerUp.WithLabelValues(strconv.Itoa(s.id)).Set(up)
 }
 
@@ -458,9 +468,9 @@ var errWedged = errors.New("worker wedged")
 func (p *Pool) Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error) {
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		proc := p.pick()
-		if proc == nil {
-			return nil, ErrNoWorker
+		proc, err := p.waitForWorker(ctx)
+		if err != nil {
+			return nil, err
 		}
 		m.T = ipc.TTokenize
 		m.ID = p.idSource()
@@ -493,6 +503,49 @@ func (p *Pool) Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error) {
 		}
 	}
 	return nil, lastErr
+}
+
+// waitForWorker returns a ready worker, waiting while one is starting or
+// backing off after a crash (so a request that arrives during a restart is
+// served, not refused). With every slot failed or stopped it returns
+// ErrNoWorker at once.
+func (p *Pool) waitForWorker(ctx context.Context) (*Process, error) {
+	for {
+		p.upMu.Lock()
+		proc := p.pick()
+		if proc != nil {
+			p.upMu.Unlock()
+			return proc, nil
+		}
+		if !p.anyComing() {
+			p.upMu.Unlock()
+			return nil, ErrNoWorker
+		}
+		if p.upCh == nil {
+			p.upCh = make(chan struct{})
+		}
+		ch := p.upCh
+		p.upMu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// anyComing reports whether some slot may yet serve: one that is not given
+// up (failed) or stopped is starting, backing off, or about to be restarted.
+func (p *Pool) anyComing() bool {
+	for _, s := range p.slots {
+		s.mu.Lock()
+		st := s.state
+		s.mu.Unlock()
+		if st != StateFailed && st != StateStopped {
+			return true
+		}
+	}
+	return false
 }
 
 // TokenizeError is a worker's refusal to tokenize (e.g. a bad message list).
@@ -536,7 +589,7 @@ func (p *Pool) pick() *Process {
 		s.mu.Lock()
 		st, proc := s.state, s.proc
 		s.mu.Unlock()
-		if proc != nil && (st == StateReady || st == StateDraining) {
+		if proc != nil && (st == StateReady || st == StateDraining) && proc.alive() {
 			return proc
 		}
 	}

@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"context"
 	"errors"
 	"os"
 	"strings"
@@ -358,7 +359,10 @@ func TestPoolTokenize(t *testing.T) {
 	r := newFakeRouter()
 	p := newTestPool(t, testConfig(pl), r)
 	ctx := t.Context()
-	if _, err := p.Tokenize(ctx, &ipc.Message{Text: "x"}); !errors.Is(err, ErrNoWorker) {
+	// Before any worker is up, Tokenize waits for one (bounded by its context).
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if _, err := p.Tokenize(short, &ipc.Message{Text: "x"}); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("before any worker: %v", err)
 	}
 	runPool(t, p)
@@ -370,6 +374,40 @@ func TestPoolTokenize(t *testing.T) {
 	ids, err = p.Tokenize(ctx, &ipc.Message{Messages: []ipc.ChatMessage{{Role: "user", Content: "hi"}}})
 	if err != nil || len(ids) == 0 || ids[0] != 'u' {
 		t.Fatalf("chat tokenize: %v %v", ids, err)
+	}
+}
+
+// With a single worker, a tokenize whose worker dies waits for the restart
+// instead of failing the client's request.
+func TestPoolTokenizeWaitsForRestart(t *testing.T) {
+	pl := newPlan(t, "ok")
+	pl.specs[0] = []string{"crash-on-tokenize", "ok"}
+	cfg := testConfig(pl)
+	cfg.Workers = 1
+	r := newFakeRouter()
+	p := newTestPool(t, cfg, r)
+	runPool(t, p)
+	r.waitCount(t, "add", 1)
+	ids, err := p.Tokenize(t.Context(), &ipc.Message{Text: "abc"})
+	if err != nil || len(ids) != 3 {
+		t.Fatalf("tokenize: %v %v", ids, err)
+	}
+	if pl.count(0) < 2 {
+		t.Fatalf("slot 0 started %d times, want a restart", pl.count(0))
+	}
+}
+
+// Once every slot has failed for good, Tokenize refuses at once.
+func TestPoolTokenizeNoWorkerWhenAllFailed(t *testing.T) {
+	pl := newPlan(t, "crash-on-start")
+	cfg := testConfig(pl)
+	cfg.Workers = 1
+	cfg.Restart.Threshold = 1.5 // the second failed start gives the slot up
+	r := newFakeRouter()
+	p := newTestPool(t, cfg, r)
+	runPool(t, p)
+	if _, err := p.Tokenize(t.Context(), &ipc.Message{Text: "abc"}); !errors.Is(err, ErrNoWorker) {
+		t.Fatalf("tokenize with the only slot failed: %v", err)
 	}
 }
 
