@@ -163,8 +163,9 @@ type Metrics struct {
 
 	IPCRoundTrip prometheus.Histogram // ping→pong seconds
 
-	buildInfo   prometheus.Gauge      // krserve_build_info, always 1
-	modelInfo   prometheus.Gauge      // krserve_model_info, always 1
+	buildInfo   prometheus.Gauge // krserve_build_info, always 1
+	modelInfo   prometheus.Gauge // krserve_model_info, always 1
+	infoMu      sync.Mutex
 	reg         prometheus.Registerer // Registry wrapped with model=<name>
 	handlerOnce sync.Once
 	handler     http.Handler
@@ -292,7 +293,27 @@ func New(model ModelInfo, build BuildInfo) *Metrics {
 	m.IPCRoundTrip = histogram("ipc_roundtrip_seconds",
 		"Round trip of a ping/pong message between the supervisor and a worker.", ipcBuckets)
 
-	// Info.
+	m.setInfo(model, build)
+
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+// SetInfo replaces the labels of krserve_build_info and krserve_model_info,
+// for what is known only once a worker said hello (MLX versions, context
+// length). model.Model is ignored: the model label is fixed at New.
+func (m *Metrics) SetInfo(model ModelInfo, build BuildInfo) {
+	m.infoMu.Lock()
+	defer m.infoMu.Unlock()
+	m.reg.Unregister(m.buildInfo)
+	m.reg.Unregister(m.modelInfo)
+	m.setInfo(model, build)
+}
+
+func (m *Metrics) setInfo(model ModelInfo, build BuildInfo) {
 	goVersion := build.GoVersion
 	if goVersion == "" {
 		goVersion = runtime.Version()
@@ -308,7 +329,7 @@ func New(model ModelInfo, build BuildInfo) *Metrics {
 		},
 	})
 	m.buildInfo.Set(1)
-	reg.MustRegister(m.buildInfo)
+	m.reg.MustRegister(m.buildInfo)
 	m.modelInfo = prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: namespace, Name: "model_info",
 		Help: "Always 1; labels give the served model's quantization and context length in tokens.",
@@ -318,13 +339,7 @@ func New(model ModelInfo, build BuildInfo) *Metrics {
 		},
 	})
 	m.modelInfo.Set(1)
-	reg.MustRegister(m.modelInfo)
-
-	reg.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-	)
-	return m
+	m.reg.MustRegister(m.modelInfo)
 }
 
 // Handler serves the registry in the Prometheus text or OpenMetrics format.

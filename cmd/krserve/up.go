@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -302,6 +303,10 @@ func runUp(parent context.Context, c upConfig) error {
 		select {
 		case <-pool.Ready():
 			log.Info("ready: a worker has loaded the model")
+			if h := pool.Hello(); h != nil {
+				m.SetInfo(metrics.ModelInfo{Quantization: quantizationOf(model), ContextLength: h.Context},
+					metrics.BuildInfo{Version: version, MLXVersion: h.Versions["mlx"], MLXLMVersion: h.Versions["mlx_lm"]})
+			}
 		case <-sigCtx.Done():
 		}
 	}()
@@ -333,6 +338,28 @@ func runUp(parent context.Context, c upConfig) error {
 	wg.Wait()
 	log.Info("stopped")
 	return runErr
+}
+
+// quantizationOf describes the model's quantization from its config.json
+// ("4bit-g32", "none"), or "" if it cannot tell.
+func quantizationOf(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err != nil {
+		return ""
+	}
+	var cfg struct {
+		Quantization *struct {
+			Bits      int `json:"bits"`
+			GroupSize int `json:"group_size"`
+		} `json:"quantization"`
+	}
+	if json.Unmarshal(b, &cfg) != nil {
+		return ""
+	}
+	if cfg.Quantization == nil {
+		return "none"
+	}
+	return fmt.Sprintf("%dbit-g%d", cfg.Quantization.Bits, cfg.Quantization.GroupSize)
 }
 
 // ops answers /ready and /stats from the pool and scheduler.
