@@ -320,7 +320,7 @@ func (w *fakeWorker) handle(frames []byte) {
 			delete(w.active, m.ID)
 			w.mu.Unlock()
 			if st != nil {
-				w.deliver(&ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "cancelled", PToks: len(st.m.Prompt), CToks: st.next})
+				w.deliver(&ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "cancelled", PToks: len(st.m.Prompt), CToks: st.next - len(st.m.Resume)})
 			}
 		default:
 			w.fail(fmt.Errorf("worker %d: unexpected %q frame", w.id, m.T))
@@ -372,7 +372,7 @@ func (w *fakeWorker) emit() bool {
 		w.mu.Unlock()
 		w.deliver(&ipc.Message{T: ipc.TTok, ID: id, IDs: []int32{int32(3 + i%900)}, Text: fmt.Sprintf("w%d ", i)})
 		if finish != "" {
-			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt), CToks: st.next})
+			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt), CToks: st.next - len(st.m.Resume)})
 		}
 		if crash {
 			w.mu.Lock()

@@ -326,6 +326,9 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 			s.onTokensLocked(r, m.IDs, m.Text, now)
 		}
 		r.ptoks = m.PToks
+		// Tokens the worker generated but did not send (the EOS token) still
+		// count as completion tokens, as in mlx-lm and vLLM.
+		r.unsent = max(0, m.CToks-r.dispatchToks)
 		s.releaseLocked(sl, r, now)
 		if r.cancelled || r.finished {
 			return nil
@@ -354,12 +357,13 @@ func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
 	r.finished = true
 	s.m.RequestSuccess.WithLabelValues(reason).Inc()
 	s.observeDoneLocked(r, now)
-	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: len(r.Prompt), CompletionTokens: len(r.generated)})
+	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: len(r.Prompt), CompletionTokens: len(r.generated) + r.unsent})
 	s.checkIdleLocked()
 }
 
 func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, now time.Time) {
 	n := len(ids)
+	r.dispatchToks += n
 	r.generated = append(r.generated, ids...)
 	r.sentBytes += len(text)
 	if n > 0 {
@@ -546,6 +550,7 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 			}
 			r.slot = id
 			r.dispatched = now
+			r.dispatchToks = 0
 			sl.inflight[r.ID] = r
 			s.m.QueueTime.Observe(now.Sub(r.Enqueued).Seconds())
 		}
