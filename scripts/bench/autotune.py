@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Does the auto-tuner move B to meet a P99 inter-token latency target?
+
+Runs krserve twice on the same model under the same closed-loop load
+(N streaming clients, fixed max tokens, EOS ignored): once with the
+auto-tuner on, once off, both starting at the same B. It samples /stats
+every second and reports how B moved and where the P99 inter-token latency
+ended relative to the target.
+
+    scripts/bench/autotune.py --model DIR [--clients 32] [--seconds 60]
+        [--batch-size 16] [--target-ms auto] [--tolerance-ms auto] [--json out.json]
+
+With --target-ms auto, a short calibration run measures P99 inter-token
+latency at --batch-size and sets the target to 60% of it, i.e. a target the
+starting B cannot meet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "py"))
+from _server import Server  # noqa: E402
+
+
+def client_loop(url: str, stop: threading.Event, max_tokens: int, gaps: list, lock: threading.Lock, i: int):
+    body = json.dumps({"model": "default", "prompt": f"Client {i} says", "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+    while not stop.is_set():
+        req = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        last = None
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for line in r:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    now = time.monotonic()
+                    if last is not None:
+                        with lock:
+                            gaps.append((now, now - last))
+                    last = now
+        except Exception:  # noqa: BLE001 - the server is stopped under a running client at the end
+            return
+
+
+def p99(xs):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+
+def run(model, args, clients, seconds, max_tokens, label):
+    s = Server(model, *args)
+    gaps, lock, stop = [], threading.Lock(), threading.Event()
+    threads = [threading.Thread(target=client_loop, args=(s.url, stop, max_tokens, gaps, lock, i), daemon=True)
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    samples = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1)
+        _, st = s.get("/stats")
+        at = st["scheduler"]["autotune"]
+        now = time.monotonic()
+        with lock:
+            recent = [g for (t, g) in gaps if t > now - 5]
+        samples.append({"t": round(now - t0, 1), "b": at["b"], "ema_ms": at.get("ema_ms"), "p99_ms": at.get("p99_ms"),
+                        "client_p99_itl_ms_5s": round(p99(recent) * 1000, 1),
+                        "queue": st["scheduler"]["queue_requests"]})
+        print(label, samples[-1], file=sys.stderr)
+    _, st = s.get("/stats")
+    stop.set()
+    s.stop()
+    end = time.monotonic()
+    with lock:
+        last = [g for (t, g) in gaps if t > end - 15]
+    return {"label": label, "args": args, "samples": samples,
+            "adjustments": st["scheduler"]["autotune"].get("adjustments", []),
+            "final_b": st["scheduler"]["autotune"]["b"],
+            "final_p99_itl_ms_last15s": round(p99(last) * 1000, 1),
+            "tokens_per_second_30s": st["server"]["throughput"]["tokens_per_second"].get("30s")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--min-batch", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--target-ms", default="auto")
+    ap.add_argument("--tolerance-ms", default="auto")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    base = ["--workers", "1", "--batch-size", str(a.batch_size)]
+    if a.target_ms == "auto":
+        cal = run(a.model, base, a.clients, 20, a.max_tokens, "calibrate")
+        measured = cal["final_p99_itl_ms_last15s"]
+        target = round(0.6 * measured, 1)
+        print(f"P99 inter-token latency at B={a.batch_size}: {measured} ms; target {target} ms", file=sys.stderr)
+    else:
+        target = float(a.target_ms)
+    tol = round(0.1 * target, 1) if a.tolerance_ms == "auto" else float(a.tolerance_ms)
+    tune = ["--p99-target-ms", str(target), "--p99-tolerance-ms", str(tol), "--auto-tune-min", str(a.min_batch),
+            "--auto-tune-max", str(a.max_batch), "--auto-tune-interval", "5"]
+    on = run(a.model, base + ["--auto-tune"] + tune, a.clients, a.seconds, a.max_tokens, "tuner-on")
+    off = run(a.model, base + tune, a.clients, a.seconds, a.max_tokens, "tuner-off")
+    report = {"target_ms": target, "tolerance_ms": tol, "clients": a.clients, "start_b": a.batch_size,
+              "on": on, "off": off}
+    for r in (on, off):
+        ok = abs(r["final_p99_itl_ms_last15s"] - target) <= tol
+        print(f"{r['label']}: B {a.batch_size} -> {r['final_b']}, final P99 ITL {r['final_p99_itl_ms_last15s']} ms "
+              f"(target {target} ± {tol}: {'within' if ok else 'outside'}), "
+              f"{len(r['adjustments'])} adjustments, {r['tokens_per_second_30s']} tok/s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
