@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
 ARGS ?=
 
-.PHONY: all build venv model prometheus up test test-go test-py vet bench soak clean
+.PHONY: all build venv model prometheus up test test-go test-py vet bench bench-tiny soak clean
 
 all: build
 
@@ -49,11 +49,23 @@ test-py: venv build model prometheus
 
 test: vet test-go test-py
 
+# The side-by-side benchmark (in-process mlx-lm, mlx_lm.server, krserve):
+# `make bench` on the default model, `make bench BENCH_MODEL=DIR` on another.
+# Results, tables and PNG charts go to out/bench-*/.
+BENCH_MODEL ?=
 bench: build model
-	$(PY) scripts/bench/run.py --krserve bin/krserve $(ARGS)
+	$(PY) -m pip install -q -r scripts/bench/requirements.txt
+	$(PY) scripts/bench/run.py --krserve bin/krserve --model "$${BENCH_MODEL:-$$($(PY) -m krserve_worker.prepare 2>/dev/null | tail -n 1)}" $(ARGS)
 
-soak: build model
-	$(PY) scripts/soak.py --krserve bin/krserve $(ARGS)
+# The same on a tiny random model: minutes on a laptop CPU; overhead shows most.
+bench-tiny: build venv
+	$(PY) scripts/make_tiny_model.py .cache/tiny-model >/dev/null
+	$(MAKE) bench BENCH_MODEL=$(CURDIR)/.cache/tiny-model
+
+# Crash soak: 32 clients while workers are killed with SIGSEGV/SIGKILL.
+soak: build venv
+	$(PY) scripts/make_tiny_model.py .cache/tiny-model >/dev/null
+	$(PY) scripts/soak.py --krserve bin/krserve --model $(CURDIR)/.cache/tiny-model $(ARGS)
 
 clean:
 	rm -rf bin
