@@ -210,6 +210,9 @@ func runUp(parent context.Context, c upConfig) error {
 		log.Info("default model ready", "dir", model, "seconds", time.Since(t0).Seconds())
 	} else if st, err := os.Stat(model); err == nil && st.IsDir() {
 		model, _ = filepath.Abs(model)
+		if _, err := os.Stat(filepath.Join(model, "config.json")); err != nil {
+			return fmt.Errorf("--model %q is not an mlx-lm model directory: it has no config.json", model)
+		}
 	} else if !c.AllowOnline || !strings.Contains(model, "/") || strings.HasPrefix(model, ".") || strings.HasPrefix(model, "/") {
 		return fmt.Errorf("--model %q: no such directory (a Hugging Face repo id needs --allow-online and a network)", model)
 	}
@@ -381,11 +384,13 @@ func (o *ops) Ready() (bool, any) {
 		switch {
 		case s.Healthy:
 			healthy++
-		case s.State == supervisor.StateStarting:
+		case s.State == supervisor.StateStarting && s.Failure == "":
 			loading++
 		case s.State == supervisor.StateFailed:
 			failed++
 			reasons = append(reasons, fmt.Sprintf("worker %d failed: %s", s.Slot, s.Failure))
+		case s.Failure != "":
+			reasons = append(reasons, fmt.Sprintf("worker %d is %s after failing: %s", s.Slot, s.State, s.Failure))
 		default:
 			reasons = append(reasons, fmt.Sprintf("worker %d is %s", s.Slot, s.State))
 		}
@@ -403,9 +408,13 @@ func (o *ops) Ready() (bool, any) {
 	case loading > 0 && failed == 0 && o.pool.Hello() == nil:
 		body["status"] = "loading"
 		body["reason"] = "loading the model"
+	case failed == o.workers:
+		body["status"] = "failed"
+		body["reason"] = "every worker keeps failing; retrying later"
+		body["details"] = reasons
 	default:
 		body["status"] = "unavailable"
-		body["reason"] = "all workers are down"
+		body["reason"] = "no worker is up"
 		body["details"] = reasons
 	}
 	return false, body
