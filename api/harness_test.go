@@ -328,6 +328,22 @@ func (w *fakeWorker) handle(frames []byte) {
 	}
 }
 
+// addFakeLogprobs gives token i the logprob fakeLogprob(i), its text as its
+// token, and top alternatives: itself, then "alt1".. with logprobs 1, 2.. lower.
+func addFakeLogprobs(m *ipc.Message, i, top int) {
+	lp := fakeLogprob(i)
+	m.LPs, m.Toks = []float64{lp}, []string{m.Text}
+	if top > 0 {
+		lps, toks := []float64{lp}, []string{m.Text}
+		for k := 1; k < top; k++ {
+			lps, toks = append(lps, lp-float64(k)), append(toks, fmt.Sprintf("alt%d", k))
+		}
+		m.TopLPs, m.TopToks = [][]float64{lps}, [][]string{toks}
+	}
+}
+
+func fakeLogprob(i int) float64 { return -0.25 * float64(1+i%4) }
+
 func promptText(ids []int32) string {
 	b := make([]byte, 0, len(ids))
 	for _, id := range ids {
@@ -370,7 +386,11 @@ func (w *fakeWorker) emit() bool {
 			delete(w.active, id)
 		}
 		w.mu.Unlock()
-		w.deliver(&ipc.Message{T: ipc.TTok, ID: id, IDs: []int32{int32(3 + i%900)}, Text: fmt.Sprintf("w%d ", i)})
+		tok := &ipc.Message{T: ipc.TTok, ID: id, IDs: []int32{int32(3 + i%900)}, Text: fmt.Sprintf("w%d ", i)}
+		if st.m.Logprobs {
+			addFakeLogprobs(tok, i, st.m.TopLogprobs)
+		}
+		w.deliver(tok)
 		if finish != "" {
 			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt), CToks: st.next - len(st.m.Resume)})
 		}

@@ -259,11 +259,11 @@ type usage struct {
 }
 
 type chatChoice struct {
-	Index        int         `json:"index"`
-	Message      *chatOutMsg `json:"message,omitempty"`
-	Delta        *chatOutMsg `json:"delta,omitempty"`
-	Logprobs     *struct{}   `json:"logprobs"`
-	FinishReason *string     `json:"finish_reason"`
+	Index        int           `json:"index"`
+	Message      *chatOutMsg   `json:"message,omitempty"`
+	Delta        *chatOutMsg   `json:"delta,omitempty"`
+	Logprobs     *chatLogprobs `json:"logprobs"`
+	FinishReason *string       `json:"finish_reason"`
 }
 
 type chatOutMsg struct {
@@ -282,10 +282,10 @@ type chatResponse struct {
 }
 
 type completionChoice struct {
-	Index        int       `json:"index"`
-	Text         string    `json:"text"`
-	Logprobs     *struct{} `json:"logprobs"`
-	FinishReason *string   `json:"finish_reason"`
+	Index        int                 `json:"index"`
+	Text         string              `json:"text"`
+	Logprobs     *completionLogprobs `json:"logprobs"`
+	FinishReason *string             `json:"finish_reason"`
 }
 
 type completionResponse struct {

@@ -228,6 +228,9 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j, e := s.common(&req.commonRequest)
+	if e == nil {
+		e = chatLogprobsParams(&req.commonRequest, &j.params)
+	}
 	if e != nil {
 		s.refuse(w, r, e)
 		return
@@ -265,6 +268,9 @@ func (s *Server) completion(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j, e := s.common(&req.commonRequest)
+	if e == nil {
+		e = completionLogprobsParams(&req.commonRequest, &j.params)
+	}
 	if e != nil {
 		s.refuse(w, r, e)
 		return
@@ -287,12 +293,6 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 	}
 	if q.N != nil && *q.N != 1 {
 		return nil, invalid("n", "n must be 1; krserve returns one choice per request (got %d)", *q.N)
-	}
-	if !isNull(q.Logprobs) && string(q.Logprobs) != "false" && string(q.Logprobs) != "0" {
-		return nil, invalid("logprobs", "logprobs are not supported yet")
-	}
-	if q.TopLogprobs != nil && *q.TopLogprobs != 0 {
-		return nil, invalid("top_logprobs", "top_logprobs are not supported yet")
 	}
 	if q.StreamOptions != nil {
 		if !q.Stream {
@@ -574,9 +574,22 @@ func (s *Server) wait(ctx context.Context, req *scheduler.Request, tick <-chan t
 
 func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, j *job, log *slog.Logger) {
 	var text strings.Builder
+	var chatLP *chatLogprobs
+	var cmplLP *completionLogprobs
+	offset := 0
+	if j.params.Logprobs {
+		chatLP, cmplLP = &chatLogprobs{Content: []chatTokenLogprob{}}, newCompletionLogprobs()
+	}
 	for {
 		ev := s.wait(ctx, req, nil, nil)
 		text.WriteString(ev.Text)
+		if j.params.Logprobs {
+			if j.chat {
+				chatLP.add(ev.Logprobs)
+			} else {
+				offset = cmplLP.add(ev.Logprobs, offset)
+			}
+		}
 		if !ev.Done {
 			continue
 		}
@@ -594,10 +607,10 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 		out := text.String()
 		if j.chat {
 			writeJSON(w, 200, chatResponse{ID: id, Object: "chat.completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
-				Choices: []chatChoice{{Index: 0, Message: &chatOutMsg{Role: "assistant", Content: &out}, FinishReason: &reason}}, Usage: u})
+				Choices: []chatChoice{{Index: 0, Message: &chatOutMsg{Role: "assistant", Content: &out}, Logprobs: chatLP, FinishReason: &reason}}, Usage: u})
 		} else {
 			writeJSON(w, 200, completionResponse{ID: id, Object: "text_completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
-				Choices: []completionChoice{{Index: 0, Text: out, FinishReason: &reason}}, Usage: u})
+				Choices: []completionChoice{{Index: 0, Text: out, Logprobs: cmplLP, FinishReason: &reason}}, Usage: u})
 		}
 		return
 	}
@@ -620,11 +633,17 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	rc := http.NewResponseController(w)
 	_ = rc.Flush()
 	id, created := s.idFor(j, req), time.Now().Unix()
-	chunk := func(text *string, role string, finish *string, u *usage) any {
+	offset := 0 // completions: characters of output before the next token
+	chunk := func(text *string, role string, finish *string, u *usage, lps []scheduler.TokenLogprob) any {
 		if j.chat {
 			c := chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: j.model, SystemFingerprint: "krserve", Usage: u}
 			if u == nil || text != nil || finish != nil {
 				c.Choices = []chatChoice{{Index: 0, Delta: &chatOutMsg{Role: role, Content: text}, FinishReason: finish}}
+				if len(lps) > 0 {
+					lp := &chatLogprobs{}
+					lp.add(lps)
+					c.Choices[0].Logprobs = lp
+				}
 			} else {
 				c.Choices = []chatChoice{}
 			}
@@ -637,6 +656,11 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 				t = *text
 			}
 			c.Choices = []completionChoice{{Index: 0, Text: t, FinishReason: finish}}
+			if len(lps) > 0 {
+				lp := newCompletionLogprobs()
+				offset = lp.add(lps, offset)
+				c.Choices[0].Logprobs = lp
+			}
 		} else {
 			c.Choices = []completionChoice{}
 		}
@@ -651,7 +675,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	}
 	if j.chat {
 		empty := ""
-		if !send(chunk(&empty, "assistant", nil, nil)) {
+		if !send(chunk(&empty, "assistant", nil, nil, nil)) {
 			s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
 			return
 		}
@@ -668,9 +692,9 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	}
 	for {
 		ev := s.wait(ctx, req, tick, keepAlive)
-		if ev.Text != "" {
+		if ev.Text != "" || len(ev.Logprobs) > 0 {
 			t := ev.Text
-			if !send(chunk(&t, "", nil, nil)) {
+			if !send(chunk(&t, "", nil, nil, ev.Logprobs)) {
 				s.m.ClientDisconnects.Inc()
 				s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
 				return
@@ -691,9 +715,9 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			return
 		}
 		reason := ev.FinishReason
-		send(chunk(nil, "", &reason, nil))
+		send(chunk(nil, "", &reason, nil, nil))
 		if j.includeUsage {
-			send(chunk(nil, "", nil, &usage{PromptTokens: len(j.prompt), CompletionTokens: ev.CompletionTokens, TotalTokens: len(j.prompt) + ev.CompletionTokens}))
+			send(chunk(nil, "", nil, &usage{PromptTokens: len(j.prompt), CompletionTokens: ev.CompletionTokens, TotalTokens: len(j.prompt) + ev.CompletionTokens}, nil))
 		}
 		_, _ = io.WriteString(w, "data: [DONE]\n\n")
 		_ = rc.Flush()

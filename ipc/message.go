@@ -66,6 +66,8 @@ type Message struct {
 	Stop              []string          `msgpack:"stop,omitempty"`
 	Resume            []int32           `msgpack:"resume,omitempty"`
 	Sent              int               `msgpack:"sent,omitempty"`
+	Logprobs          bool              `msgpack:"logprobs,omitempty"`
+	TopLogprobs       int               `msgpack:"top_logprobs,omitempty"`
 
 	// tokenize
 	Text     string        `msgpack:"text,omitempty"`
@@ -74,6 +76,12 @@ type Message struct {
 
 	// tokens, tok
 	IDs []int32 `msgpack:"ids,omitempty"`
+
+	// tok, with gen's logprobs: one entry per id, in the same order
+	LPs     []float64   `msgpack:"lps,omitempty"`      // the chosen token's logprob
+	Toks    []string    `msgpack:"toks,omitempty"`     // the chosen token's text
+	TopLPs  [][]float64 `msgpack:"top_lps,omitempty"`  // the top_logprobs best logprobs, best first
+	TopToks [][]string  `msgpack:"top_toks,omitempty"` // their tokens' text
 
 	// done
 	Reason string `msgpack:"reason,omitempty"`

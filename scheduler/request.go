@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -45,12 +46,29 @@ type Params struct {
 	FrequencyPenalty  float64
 	LogitBias         map[int32]float64
 	Stop              []string
+	Logprobs          bool // send each token's logprob (Event.Logprobs)
+	TopLogprobs       int  // with Logprobs: this many alternatives per token (0..20)
+}
+
+// TokenLogprob is one generated token's logprob, as the worker reported it.
+type TokenLogprob struct {
+	Token   string
+	Logprob float64
+	Top     []TopLogprob // best first; empty unless Params.TopLogprobs > 0
+}
+
+// TopLogprob is one of the most likely tokens at a step.
+type TopLogprob struct {
+	Token   string
+	Logprob float64
 }
 
 // Event is one step of a request's output, in order.
 type Event struct {
 	Text   string // output text to append (may be empty)
 	Tokens int    // tokens this event accounts for
+	// With Params.Logprobs: one entry per token of this event, in order.
+	Logprobs []TokenLogprob
 
 	Done             bool
 	FinishReason     string // "stop" or "length", with Done
@@ -117,11 +135,53 @@ func (r *Request) genMessage() *ipc.Message {
 		Stop:              p.Stop,
 		Resume:            r.generated,
 		Sent:              r.sentBytes,
+		Logprobs:          p.Logprobs,
+		TopLogprobs:       p.TopLogprobs,
 	}
 	if p.Seed != nil {
 		m.Seed, m.HasSeed = *p.Seed, true
 	}
 	return m
+}
+
+// logprobs turns a tok frame's per-token data into TokenLogprobs; nil
+// without it. The worker sends one entry per id; a shorter list is a protocol
+// error (checked by the caller).
+func logprobs(m *ipc.Message) []TokenLogprob {
+	if len(m.LPs) == 0 {
+		return nil
+	}
+	out := make([]TokenLogprob, len(m.LPs))
+	for i, lp := range m.LPs {
+		t := TokenLogprob{Token: m.Toks[i], Logprob: lp}
+		if i < len(m.TopLPs) {
+			top := m.TopLPs[i]
+			t.Top = make([]TopLogprob, len(top))
+			for j, x := range top {
+				t.Top[j] = TopLogprob{Token: m.TopToks[i][j], Logprob: x}
+			}
+		}
+		out[i] = t
+	}
+	return out
+}
+
+// checkLogprobs reports a tok frame whose logprob lists do not match its ids.
+func checkLogprobs(m *ipc.Message) error {
+	if len(m.LPs) == 0 && len(m.Toks) == 0 && len(m.TopLPs) == 0 && len(m.TopToks) == 0 {
+		return nil
+	}
+	n := len(m.IDs)
+	if len(m.LPs) != n || len(m.Toks) != n || (len(m.TopLPs) != 0 && len(m.TopLPs) != n) || len(m.TopToks) != len(m.TopLPs) {
+		return fmt.Errorf("%w: tok for request %d: %d ids but %d lps, %d toks, %d top_lps, %d top_toks",
+			ipc.ErrProtocol, m.ID, n, len(m.LPs), len(m.Toks), len(m.TopLPs), len(m.TopToks))
+	}
+	for i := range m.TopLPs {
+		if len(m.TopLPs[i]) != len(m.TopToks[i]) {
+			return fmt.Errorf("%w: tok for request %d: top_lps[%d] and top_toks[%d] differ in length", ipc.ErrProtocol, m.ID, i, i)
+		}
+	}
+	return nil
 }
 
 // stream is an unbounded, single-consumer event queue: the scheduler never

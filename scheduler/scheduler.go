@@ -320,10 +320,13 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 	sl.lastProgress = now
 	switch m.T {
 	case ipc.TTok:
-		s.onTokensLocked(r, m.IDs, m.Text, now)
+		if err := checkLogprobs(m); err != nil {
+			return err
+		}
+		s.onTokensLocked(r, m.IDs, m.Text, logprobs(m), now)
 	case ipc.TDone:
 		if m.Text != "" || len(m.IDs) > 0 {
-			s.onTokensLocked(r, m.IDs, m.Text, now)
+			s.onTokensLocked(r, m.IDs, m.Text, nil, now)
 		}
 		r.ptoks = m.PToks
 		// Tokens the worker generated but did not send (the EOS token) still
@@ -361,7 +364,7 @@ func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
 	s.checkIdleLocked()
 }
 
-func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, now time.Time) {
+func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []TokenLogprob, now time.Time) {
 	n := len(ids)
 	r.dispatchToks += n
 	r.generated = append(r.generated, ids...)
@@ -386,7 +389,7 @@ func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, now tim
 		return
 	}
 	if n > 0 || text != "" {
-		r.out.push(Event{Text: text, Tokens: n})
+		r.out.push(Event{Text: text, Tokens: n, Logprobs: lps})
 	}
 }
 

@@ -38,6 +38,9 @@ def test_constructors_match_vectors():
     assert P.tokens(10, [71, 2541, 44, 300000]) == BY_NAME["tokens"]
     assert P.tok(7, [504, 11], "Paris é 🙂") == BY_NAME["tok"]
     assert P.tok(7, [216], "") == BY_NAME["tok_held"]
+    assert P.tok(12, [504, 11], "Paris é", lps=[-0.25, -1.5], toks=[" Paris", " é"],
+                 top_lps=[[-0.25, -2], [-1.5, -1.75]],
+                 top_toks=[[" Paris", " Lyon"], [" é", "\ufffd"]]) == BY_NAME["tok_logprobs"]
     assert P.done(7, "stop", 5, 12, "tail") == BY_NAME["done"]
     assert P.done(8, "length", 5, 10) == BY_NAME["done_length"]
     assert P.error(7, "invalid", "top_p must be in [0, 1]") == BY_NAME["error"]

@@ -381,6 +381,8 @@ def test_tokenize_is_served_during_generation(worker, prompts, new_id):
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
         ({"stop": [""]}, "stop"),
         ({"prompt": [3] * 2049}, "context"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_invalid_params(worker, new_id, fields, msg):
@@ -439,3 +441,44 @@ def test_malformed_frame_exits_3(start_worker):
     w.send(b"\x00\x00\x00\x03abc")  # a body that is not a msgpack map
     assert w.wait(30) == 3
     assert "not a msgpack map" in w.stderr_text()
+
+
+# -- logprobs --------------------------------------------------------------------
+
+
+def test_logprobs_match_in_process_logits(worker, ref, prompts, new_id):
+    import mlx.core as mx
+
+    model, tok = ref
+    for p in prompts[:3]:
+        rid = new_id()
+        frames = [f for f in run(worker, rid, p, 8, logprobs=True, top_logprobs=3,
+                                 logit_bias=NO_EOS)["frames"] if f["t"] == "tok"]
+        ids = [i for f in frames for i in f["ids"]]
+        assert len(ids) == 8
+        lps = [x for f in frames for x in f["lps"]]
+        toks = [x for f in frames for x in f["toks"]]
+        top_lps = [x for f in frames for x in f["top_lps"]]
+        top_toks = [x for f in frames for x in f["top_toks"]]
+        assert len(lps) == len(toks) == len(top_lps) == len(top_toks) == len(ids)
+        # Reference: the model's own log-softmax over the whole sequence.
+        seq = list(p) + ids
+        logits = model(mx.array(seq)[None])[0].astype(mx.float32)
+        ref_lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for j, t in enumerate(ids):
+            row = ref_lp[len(p) - 1 + j]
+            assert lps[j] == pytest.approx(row[t].item(), abs=2e-2)
+            assert int(mx.argmax(row).item()) == t  # greedy
+            # Greedy: the chosen token is the best alternative.
+            assert len(top_lps[j]) == 3 and top_toks[j][0] == toks[j]
+            assert top_lps[j][0] == lps[j]
+            assert top_lps[j] == sorted(top_lps[j], reverse=True)
+            assert toks[j] == tok.decode([t])
+
+
+def test_no_logprobs_unless_asked(worker, prompts, new_id):
+    frames = run(worker, new_id(), prompts[0], 4)["frames"]
+    assert not any(k in f for f in frames for k in ("lps", "toks", "top_lps", "top_toks"))
+    frames = run(worker, new_id(), prompts[0], 4, logprobs=True)["frames"]
+    toks = [f for f in frames if f["t"] == "tok"]
+    assert toks and all(len(f["lps"]) == len(f["ids"]) and "top_lps" not in f for f in toks)

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 class InvalidRequest(ValueError):
     """Bad request parameters: answered with ``error`` code ``invalid``."""
 
@@ -33,6 +36,8 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     resume: list[int] = field(default_factory=list)
     sent: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 def _is_int(v) -> bool:
@@ -116,10 +121,19 @@ def parse_gen(msg: dict, vocab: int, ctx: int = 0) -> GenParams:
     if sent and not resume:
         raise InvalidRequest("sent without resume tokens")
 
+    logprobs = msg.get("logprobs", False)
+    if not isinstance(logprobs, bool):
+        raise InvalidRequest("logprobs must be a bool")
+    top_logprobs = _int(msg, "top_logprobs", lo=0)
+    if top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}")
+    if top_logprobs and not logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs")
+
     return GenParams(
         id=rid, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, has_seed=has_seed,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=logit_bias, stop=list(stop),
-        resume=resume, sent=sent,
+        resume=resume, sent=sent, logprobs=logprobs, top_logprobs=top_logprobs,
     )

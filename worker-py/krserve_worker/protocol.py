@@ -34,11 +34,11 @@ KEY_ORDER = (
     # gen
     "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
     "has_seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
-    "logit_bias", "stop", "resume", "sent",
+    "logit_bias", "stop", "resume", "sent", "logprobs", "top_logprobs",
     # tokenize
     "text", "messages", "special",
     # tokens, tok
-    "ids",
+    "ids", "lps", "toks", "top_lps", "top_toks",
     # done
     "reason", "ptoks", "ctoks",
     # error
@@ -53,10 +53,11 @@ _FLOAT_KEYS = frozenset(
     {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
      "frequency_penalty"}
 )
-_BOOL_KEYS = frozenset({"has_seed", "special"})
+_BOOL_KEYS = frozenset({"has_seed", "special", "logprobs"})
 _STR_KEYS = frozenset({"t", "model", "text", "reason", "code", "msg"})
 _INT_KEYS = frozenset(
     {"v", "pid", "ctx", "vocab", "id", "seq", "max_tokens", "top_k", "seed", "sent",
+     "top_logprobs",
      "ptoks", "ctoks", "active", "mem_active", "mem_peak", "rss"}
 )
 _INT_LIST_KEYS = frozenset({"eos", "prompt", "resume", "ids"})
@@ -99,6 +100,14 @@ def _normalize(key: str, v):
         return [int(x) for x in v]
     if key in _STR_LIST_KEYS:
         return [str(x) for x in v]
+    if key == "lps":  # []float64
+        return [float(x) for x in v]
+    if key == "toks":
+        return [str(x) for x in v]
+    if key == "top_lps":  # [][]float64
+        return [[float(x) for x in row] for row in v]
+    if key == "top_toks":
+        return [[str(x) for x in row] for row in v]
     if key == "versions":  # map[string]string, sorted by Go
         return {str(k): str(v[k]) for k in sorted(v, key=str)}
     if key == "logit_bias":  # map[int32]float64, Go map order: keep ours
@@ -187,8 +196,14 @@ def tokens(id: int, ids: list[int]) -> bytes:
     return encode({"t": "tokens", "id": id, "ids": ids})
 
 
-def tok(id: int, ids: list[int], text: str = "") -> bytes:
-    return encode({"t": "tok", "id": id, "ids": ids, "text": text})
+def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=None,
+        top_toks=None) -> bytes:
+    """``lps``/``toks``/``top_lps``/``top_toks``: per-token logprob data, one
+    entry per id (only when the gen asked for ``logprobs``)."""
+    m = {"t": "tok", "id": id, "ids": ids, "text": text}
+    if lps:
+        m.update(lps=lps, toks=toks, top_lps=top_lps, top_toks=top_toks)
+    return encode(m)
 
 
 def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "") -> bytes:

@@ -235,6 +235,7 @@ class Worker:
         self.pending: list[Request] = []  # validated, not yet inserted
         self.noise = os.environ.get("KRSERVE_WORKER_NOISE") == "1"
         self._libc = None
+        self.tok_cache: dict[int, str] = {}  # token id -> its text (logprobs)
         self.publish()
 
     # -- bookkeeping --
@@ -334,9 +335,39 @@ class Worker:
             req = self.by_uid.get(r.uid)
             if req is None:
                 continue
-            self.on_token(req, int(r.token), r.finish_reason, out)
+            lp = self.logprob_data(req.p.top_logprobs, int(r.token), r.logprobs) if req.p.logprobs else None
+            self.on_token(req, int(r.token), r.finish_reason, out, lp)
 
-    def on_token(self, req: Request, token: int, finish_reason, out):
+    def token_text(self, i: int) -> str:
+        s = self.tok_cache.get(i)
+        if s is None:
+            s = self.tokenizer.decode([i])  # invalid UTF-8 comes back as U+FFFD
+            self.tok_cache[i] = s
+        return s
+
+    def logprob_data(self, k: int, token: int, logprobs):
+        """The ``tok`` fields for one token of a request that asked for logprobs:
+        its logprob and text, and the ``k`` best (logprob, text), best first.
+        ``logprobs`` is the step's log-softmax over the vocabulary (after logit
+        processors, as mlx-lm reports it)."""
+        mx = self.mx
+        lp = logprobs.astype(mx.float32)
+        chosen = lp[token]
+        if k > 0:
+            k = min(k, lp.shape[-1])
+            idx = mx.argpartition(-lp, kth=k - 1)[:k]
+            vals = lp[idx]
+            order = mx.argsort(-vals)
+            idx, vals = idx[order], vals[order]
+            mx.eval(chosen, idx, vals)
+            top_ids, top_lps = idx.tolist(), vals.tolist()
+        else:
+            mx.eval(chosen)
+            top_ids, top_lps = [], []
+        return (chosen.item(), self.token_text(token), top_lps,
+                [self.token_text(i) for i in top_ids])
+
+    def on_token(self, req: Request, token: int, finish_reason, out, lp=None):
         rid = req.p.id
         req.ctoks += 1
         if token in self.eos and finish_reason == "stop":
@@ -348,7 +379,13 @@ class Worker:
             return
         req.text.add(token)
         text, stopped = req.text.take()
-        out.append(protocol.tok(rid, [token], text))
+        if lp is None:
+            out.append(protocol.tok(rid, [token], text))
+        else:
+            chosen, tok_text, top_lps, top_toks = lp
+            out.append(protocol.tok(rid, [token], text, lps=[chosen], toks=[tok_text],
+                                    top_lps=[top_lps] if top_lps else None,
+                                    top_toks=[top_toks] if top_toks else None))
         if stopped:
             out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks))
             self.finish(req, remove=finish_reason is None)
