@@ -2,6 +2,7 @@ package ipc
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -100,7 +101,11 @@ type Message struct {
 }
 
 // Encode returns the msgpack body of m (no length prefix).
-func Encode(m *Message) ([]byte, error) {
+func Encode(m *Message) ([]byte, error) { return appendBody(nil, m), nil }
+
+// encodeGeneric is the reference encoder, which defines the wire format;
+// appendBody (fast.go) writes the same bytes.
+func encodeGeneric(m *Message) ([]byte, error) {
 	var buf bytes.Buffer
 	enc := msgpack.GetEncoder()
 	defer msgpack.PutEncoder(enc)
@@ -116,19 +121,22 @@ func Encode(m *Message) ([]byte, error) {
 
 // AppendMessage encodes m and appends it to dst as a complete frame.
 func AppendMessage(dst []byte, m *Message) ([]byte, error) {
-	body, err := Encode(m)
-	if err != nil {
-		return dst, err
+	out := appendBody(append(dst, 0, 0, 0, 0), m)
+	n := len(out) - len(dst) - 4
+	if n > MaxFrameSize {
+		return dst, fmt.Errorf("encode %s: body of %d bytes exceeds %d", m.T, n, MaxFrameSize)
 	}
-	if len(body) > MaxFrameSize {
-		return dst, fmt.Errorf("encode %s: body of %d bytes exceeds %d", m.T, len(body), MaxFrameSize)
-	}
-	return AppendFrame(dst, body), nil
+	binary.BigEndian.PutUint32(out[len(dst):], uint32(n))
+	return out, nil
 }
 
 // Decode parses one frame body. Anything but a single msgpack map with a string
-// "t" is a protocol error.
-func Decode(body []byte, m *Message) error {
+// "t" is a protocol error. The hot frames are decoded by hand (fast.go).
+func Decode(body []byte, m *Message) error { return decodeFast(body, m) }
+
+// decodeGeneric is the reference decoder. Only for a validated body: it
+// allocates whatever array lengths say.
+func decodeGeneric(body []byte, m *Message) error {
 	*m = Message{}
 	if len(body) == 0 || !isMap(body[0]) {
 		return fmt.Errorf("%w: frame body is not a msgpack map", ErrProtocol)
