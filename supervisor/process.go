@@ -6,6 +6,7 @@
 package supervisor
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -236,6 +237,9 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 }
 
 func (p *Process) readLoop(r io.Reader, onMsg func(*ipc.Message) error) {
+	// Buffered: one read takes every frame the worker has written so far
+	// (a decode step writes one tok frame per sequence), not two per frame.
+	r = bufio.NewReaderSize(r, 64<<10)
 	var buf []byte
 	for {
 		body, err := ipc.ReadFrame(r, buf)
