@@ -666,13 +666,12 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		}
 		return c
 	}
-	send := func(v any) bool {
+	write := func(v any) bool {
 		b, _ := json.Marshal(v)
-		if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
-			return false
-		}
-		return rc.Flush() == nil
+		_, err := fmt.Fprintf(w, "data: %s\n\n", b)
+		return err == nil
 	}
+	send := func(v any) bool { return write(v) && rc.Flush() == nil }
 	if j.chat {
 		empty := ""
 		if !send(chunk(&empty, "assistant", nil, nil, nil)) {
@@ -690,15 +689,30 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		_, _ = io.WriteString(w, ": keep-alive\n\n")
 		_ = rc.Flush()
 	}
+	// Events already queued are written together and flushed once: one
+	// write syscall for all the tokens a slow reader fell behind on.
+	unflushed := false
 	for {
-		ev := s.wait(ctx, req, tick, keepAlive)
+		ev, ok := req.Poll()
+		if !ok {
+			if unflushed {
+				unflushed = false
+				if rc.Flush() != nil {
+					s.m.ClientDisconnects.Inc()
+					s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+					return
+				}
+			}
+			ev = s.wait(ctx, req, tick, keepAlive)
+		}
 		if ev.Text != "" || len(ev.Logprobs) > 0 {
 			t := ev.Text
-			if !send(chunk(&t, "", nil, nil, ev.Logprobs)) {
+			if !write(chunk(&t, "", nil, nil, ev.Logprobs)) {
 				s.m.ClientDisconnects.Inc()
 				s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
 				return
 			}
+			unflushed = true
 		}
 		if !ev.Done {
 			continue
