@@ -145,6 +145,8 @@ def main():
     if a.target_ms == "auto":
         cal = run(a.model, base, a.clients, 20, a.max_tokens, "calibrate")
         measured = cal["final_p99_itl_ms_last15s"]
+        if measured != measured:  # NaN: no token in the calibration window (cold kernels)
+            sys.exit("calibration saw no tokens; warm the server up or pass --target-ms")
         target = round(0.6 * measured, 1)
         print(f"P99 inter-token latency at B={a.batch_size} (server side): {measured} ms; target {target} ms",
               file=sys.stderr)
