@@ -200,6 +200,15 @@ func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiE
 	return body, nil
 }
 
+// decodeBody reads the (size-limited) body and decodes it into v.
+func (s *Server) decodeBody(w http.ResponseWriter, r *http.Request, v any) *apiError {
+	body, e := s.readBody(w, r)
+	if e != nil {
+		return e
+	}
+	return decodeJSON(body, v)
+}
+
 // job is a validated request, ready for the scheduler.
 type job struct {
 	chat         bool
@@ -212,13 +221,8 @@ type job struct {
 }
 
 func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
-	body, e := s.readBody(w, r)
-	if e != nil {
-		s.refuse(w, r, e)
-		return
-	}
 	var req chatRequest
-	if e := decodeJSON(body, &req); e != nil {
+	if e := s.decodeBody(w, r, &req); e != nil {
 		s.refuse(w, r, e)
 		return
 	}
@@ -244,13 +248,8 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) completion(w http.ResponseWriter, r *http.Request) {
-	body, e := s.readBody(w, r)
-	if e != nil {
-		s.refuse(w, r, e)
-		return
-	}
 	var req completionRequest
-	if e := decodeJSON(body, &req); e != nil {
+	if e := s.decodeBody(w, r, &req); e != nil {
 		s.refuse(w, r, e)
 		return
 	}
