@@ -104,3 +104,38 @@ def test_errors_are_openai_errors(client):
     assert "messages" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}], n=3)
+
+
+def test_greedy_stream_survives_worker_kill_on_default_model(server, client):
+    """The default (4-bit) model: a stream whose worker is SIGKILLed mid-way is
+    resumed on the restarted worker and equals the crash-free output."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    body = {"model": "default", "messages": [{"role": "user", "content": "Write a short story about a robot."}],
+            "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    want = client.chat.completions.create(**{k: v for k, v in body.items() if k != "ignore_eos"},
+                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    req = urllib.request.Request(server.url + "/v1/chat/completions", method="POST",
+                                 data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    text, chunks, killed = "", 0, None
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            d = json.loads(line[6:])
+            assert "error" not in d, d
+            for c in d["choices"]:
+                text += c["delta"].get("content") or ""
+            chunks += 1
+            if chunks == 10 and killed is None:
+                _, st = server.get("/stats")
+                killed = next(w["pid"] for w in st["workers"] if w["requests_in_flight"] > 0)
+                os.kill(killed, signal.SIGKILL)
+    assert killed
+    assert text == want
+    server.wait_ready(120)
