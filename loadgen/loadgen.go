@@ -73,6 +73,9 @@ type Config struct {
 	now     func() time.Time // clock; time.Now when nil
 	onEvent func(req int)    // called after each SSE data event is handled
 	client  *http.Client
+	// ServerCPU reads the server's process_cpu_seconds_total from /metrics
+	// before and after the run (Result.ServerCPUS).
+	ServerCPU bool
 }
 
 // Record is the measurement of one request. Times are milliseconds.
@@ -138,6 +141,12 @@ type Result struct {
 	ReqTokPerS Summary `json:"request_tok_per_s"`
 	ITLMS      Summary `json:"itl_ms"`
 
+	// The server's own CPU over the run (its process_cpu_seconds_total, read
+	// from /metrics before and after; krserve's supervisor exports it, worker
+	// processes excluded). Zero when the server does not export it.
+	ServerCPUS        float64 `json:"server_cpu_s,omitempty"`
+	ServerCPUUSPerReq float64 `json:"server_cpu_us_per_request,omitempty"`
+
 	Records []Record `json:"records"`
 }
 
@@ -192,6 +201,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		Records: make([]Record, cfg.Requests),
 	}
 
+	var cpu0 float64
+	cpuOK := false
+	if cfg.ServerCPU {
+		cpu0, cpuOK = serverCPU(ctx, client, cfg.URL)
+	}
 	prog := newProgress(cfg.Progress, cfg.Requests, cfg.now)
 	start := cfg.now()
 	res.StartedAt = start
@@ -235,6 +249,11 @@ dispatch:
 	res.Records = res.Records[:dispatched]
 	res.Run.Requests = dispatched
 	res.WallMS = float64(lastEnd.Load()) / 1e6
+	if cpuOK {
+		if cpu1, ok := serverCPU(context.WithoutCancel(ctx), client, cfg.URL); ok && cpu1 >= cpu0 {
+			res.ServerCPUS = cpu1 - cpu0
+		}
+	}
 	res.finalize()
 	return res, ctx.Err()
 }
@@ -266,6 +285,9 @@ func (r *Result) finalize() {
 	if r.WallMS > 0 {
 		r.TokPerS = float64(r.TotalTokens) / (r.WallMS / 1000)
 		r.ReqPerS = float64(r.Completed) / (r.WallMS / 1000)
+	}
+	if r.ServerCPUS > 0 && len(r.Records) > 0 {
+		r.ServerCPUUSPerReq = r.ServerCPUS * 1e6 / float64(len(r.Records))
 	}
 	r.ResponseMS = Summarize(e2e)
 	r.TTFTMS = Summarize(ttft)

@@ -138,6 +138,10 @@ func (r *Result) WriteTable(w io.Writer) {
 	fmt.Fprintln(w, "|------------|--------------|--------|------------------|-----------------|------------|")
 	fmt.Fprintf(w, "| %.2f s | %s | %s | %s | %.2f | %.2f |\n\n",
 		r.WallMS/1000, successRate(r), errorsLine(r), commas(r.TotalTokens), r.TokPerS, r.ReqPerS)
+	if r.ServerCPUS > 0 {
+		fmt.Fprintf(w, "Server CPU (its process_cpu_seconds_total, workers excluded): %.2f s, %s per request\n\n",
+			r.ServerCPUS, fmtCPU(r.ServerCPUUSPerReq))
+	}
 }
 
 // ratio returns the "Speedup" column: how much better the candidate is

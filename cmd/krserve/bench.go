@@ -138,6 +138,7 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 			Chat:        !b.completions,
 			Timeout:     b.timeout,
 			IgnoreEOS:   b.ignoreEOS,
+			ServerCPU:   true,
 		}
 		if seedSet {
 			s := b.seed
