@@ -54,6 +54,7 @@ type upConfig struct {
 	RecycleRequests           int
 	RecycleRSSMB              int
 	PrefillStep               int
+	WorkerExec                string
 	API                       api.Config
 }
 
@@ -118,6 +119,8 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.Int64Var(&c.API.MaxBodyBytes, "max-body-bytes", c.API.MaxBodyBytes, "largest request body (413 beyond)")
 	f.IntVar(&c.API.MaxConcurrent, "max-connections", c.API.MaxConcurrent, "requests served at once (429 beyond)")
 	f.DurationVar(&c.API.DefaultTimeout, "request-timeout", c.API.DefaultTimeout, "per-request deadline unless the request sets timeout")
+	f.StringVar(&c.WorkerExec, "worker-exec", "", "run this program with the worker's arguments instead of python -m krserve_worker (benchmarks: scripts/bench/instantworker)")
+	_ = f.MarkHidden("worker-exec")
 	return cmd
 }
 
@@ -248,8 +251,12 @@ func runUp(parent context.Context, c upConfig) error {
 	pcfg.ProgressTimeout, pcfg.StopGrace = c.ProgressTimeout, c.StopGrace
 	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20
 	pcfg.Command = func(slot int) supervisor.Command {
-		return supervisor.Command{Path: python, Env: env, Args: []string{"-m", "krserve_worker", "--model", model,
-			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep)}}
+		args := []string{"-m", "krserve_worker", "--model", model,
+			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep)}
+		if c.WorkerExec != "" {
+			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
+		}
+		return supervisor.Command{Path: python, Env: env, Args: args}
 	}
 	pool := supervisor.NewPool(pcfg, sched, m, log)
 	pool.SetIDSource(nextID)
