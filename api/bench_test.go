@@ -137,10 +137,11 @@ func (w *benchWorker) run(ctx context.Context) {
 }
 
 // benchReadFrames decodes frames as Process.readLoop does: one reused frame
-// buffer, a new Message per frame.
+// buffer and one reused Message.
 func benchReadFrames(frames []byte, onMsg func(*ipc.Message) error) error {
 	r := bytes.NewReader(frames)
 	var buf []byte
+	m := new(ipc.Message)
 	for {
 		body, err := ipc.ReadFrame(r, buf)
 		if err == io.EOF {
@@ -150,11 +151,10 @@ func benchReadFrames(frames []byte, onMsg func(*ipc.Message) error) error {
 			return err
 		}
 		buf = body[:0]
-		var m ipc.Message
-		if err := ipc.Decode(body, &m); err != nil {
+		if err := ipc.Decode(body, m); err != nil {
 			return err
 		}
-		if err := onMsg(&m); err != nil {
+		if err := onMsg(m); err != nil {
 			return err
 		}
 	}
@@ -187,17 +187,19 @@ func newBenchFrontDoor(toks, conc int) *benchFrontDoor {
 	return &benchFrontDoor{srv: srv, worker: w, stop: func() { srv.Close(); cancel(); wg.Wait() }}
 }
 
-// benchReplay serves a recorded answer: the SSE events one write and flush each,
-// as serveStream writes them, or the JSON body in one write.
+// benchReplay serves a recorded answer, flushed as serveStream flushes it
+// when every token is ready at once: the first event (after the headers)
+// flushed, the rest written when the handler returns. A JSON answer is one write.
 func benchReplay(contentType string, events [][]byte) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", contentType)
 		w.WriteHeader(200)
-		rc := http.NewResponseController(w)
-		for _, e := range events {
+		for i, e := range events {
 			_, _ = w.Write(e)
-			_ = rc.Flush()
+			if i == 0 && len(events) > 1 {
+				_ = http.NewResponseController(w).Flush()
+			}
 		}
 	}
 }

@@ -499,11 +499,11 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, tm *ipc.Mes
 		s.refuse(w, r, schedError(err, w))
 		return
 	}
-	log := s.log.With("request", req.ID)
+	log := s.log // each line names the request (log.With would cost an allocation per request)
 	if s.cfg.LogPrompts {
-		log.Debug("request admitted", "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream, "prompt", tm)
+		log.Debug("request admitted", "request", req.ID, "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream, "prompt", tm)
 	} else {
-		log.Debug("request admitted", "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream)
+		log.Debug("request admitted", "request", req.ID, "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream)
 	}
 	if j.stream {
 		s.serveStream(ctx, w, req, j, log)
@@ -593,14 +593,14 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 			continue
 		}
 		if ev.Err != nil {
-			log.Info("request failed", "err", ev.Err)
+			log.Info("request failed", "request", req.ID, "err", ev.Err)
 			if ctx.Err() != nil && errors.Is(ctx.Err(), context.Canceled) {
 				return
 			}
 			writeError(w, schedError(ev.Err, w))
 			return
 		}
-		log.Debug("request done", "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens)
+		log.Debug("request done", "request", req.ID, "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens)
 		u := &usage{PromptTokens: len(j.prompt), CompletionTokens: ev.CompletionTokens, TotalTokens: len(j.prompt) + ev.CompletionTokens}
 		id, created, reason := s.idFor(j, req), time.Now().Unix(), ev.FinishReason
 		out := text.String()
@@ -630,8 +630,8 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	h.Set("X-Accel-Buffering", "no")
 	w.WriteHeader(200)
 	rc := http.NewResponseController(w)
-	_ = rc.Flush()
 	id, created := s.idFor(j, req), time.Now().Unix()
+	enc := newChunkEncoder(j.chat, id, created, j.model)
 	offset := 0 // completions: characters of output before the next token
 	chunk := func(text *string, role string, finish *string, u *usage, lps []scheduler.TokenLogprob) any {
 		if j.chat {
@@ -665,18 +665,25 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		}
 		return c
 	}
-	write := func(v any) bool {
-		b, _ := json.Marshal(v)
-		_, err := fmt.Fprintf(w, "data: %s\n\n", b)
+	// Writes go to net/http's buffer; a flush is one write syscall. Flushes
+	// happen where a client needs the bytes: after the opening (headers and
+	// the role chunk together), whenever no event is waiting (everything
+	// already queued goes out in one write), and at the end.
+	write := func(b []byte) bool {
+		_, err := w.Write(b)
 		return err == nil
 	}
-	send := func(v any) bool { return write(v) && rc.Flush() == nil }
-	if j.chat {
-		empty := ""
-		if !send(chunk(&empty, "assistant", nil, nil, nil)) {
-			s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
-			return
-		}
+	gone := func() {
+		s.m.ClientDisconnects.Inc()
+		s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+	}
+	if j.chat && !write(enc.role()) {
+		gone()
+		return
+	}
+	if rc.Flush() != nil {
+		gone()
+		return
 	}
 	var tick <-chan time.Time // nil: no keep-alives (NewTicker panics on <= 0)
 	if s.cfg.KeepAlive > 0 {
@@ -688,8 +695,6 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		_, _ = io.WriteString(w, ": keep-alive\n\n")
 		_ = rc.Flush()
 	}
-	// Events already queued are written together and flushed once: one
-	// write syscall for all the tokens a slow reader fell behind on.
 	unflushed := false
 	for {
 		ev, ok := req.Poll()
@@ -697,18 +702,22 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			if unflushed {
 				unflushed = false
 				if rc.Flush() != nil {
-					s.m.ClientDisconnects.Inc()
-					s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+					gone()
 					return
 				}
 			}
 			ev = s.wait(ctx, req, tick, keepAlive)
 		}
 		if ev.Text != "" || len(ev.Logprobs) > 0 {
-			t := ev.Text
-			if !write(chunk(&t, "", nil, nil, ev.Logprobs)) {
-				s.m.ClientDisconnects.Inc()
-				s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+			var b []byte
+			if len(ev.Logprobs) > 0 {
+				t := ev.Text
+				b = enc.event(chunk(&t, "", nil, nil, ev.Logprobs))
+			} else {
+				b = enc.content(ev.Text)
+			}
+			if !write(b) {
+				gone()
 				return
 			}
 			unflushed = true
@@ -717,24 +726,25 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			continue
 		}
 		if ev.Err != nil {
-			log.Info("request failed", "err", ev.Err)
+			log.Info("request failed", "request", req.ID, "err", ev.Err)
 			if ctx.Err() != nil && errors.Is(ctx.Err(), context.Canceled) {
 				return
 			}
 			e := schedError(ev.Err, nil)
-			send(map[string]any{"error": errorBody(e)})
+			write(enc.event(map[string]any{"error": errorBody(e)}))
 			_, _ = io.WriteString(w, "data: [DONE]\n\n")
 			_ = rc.Flush()
 			return
 		}
 		reason := ev.FinishReason
-		send(chunk(nil, "", &reason, nil, nil))
+		write(enc.finish(reason))
 		if j.includeUsage {
-			send(chunk(nil, "", nil, &usage{PromptTokens: len(j.prompt), CompletionTokens: ev.CompletionTokens, TotalTokens: len(j.prompt) + ev.CompletionTokens}, nil))
+			write(enc.usage(len(j.prompt), ev.CompletionTokens))
 		}
+		// No flush: returning ends the response, and net/http writes what is
+		// buffered together with the chunked terminator in one write.
 		_, _ = io.WriteString(w, "data: [DONE]\n\n")
-		_ = rc.Flush()
-		log.Debug("request done", "finish_reason", reason, "completion_tokens", ev.CompletionTokens)
+		log.Debug("request done", "request", req.ID, "finish_reason", reason, "completion_tokens", ev.CompletionTokens)
 		return
 	}
 }
