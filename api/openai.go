@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"reflect"
 	"strings"
@@ -81,16 +80,18 @@ func invalid(param, format string, args ...any) *apiError {
 // decodeJSON decodes one JSON value, refusing trailing data. A field of the
 // wrong type is named in the error's param.
 func decodeJSON(body []byte, v any) *apiError {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	err := dec.Decode(v)
+	// One json.Unmarshal: it checks the whole body (trailing data included)
+	// before decoding, and a type error still decodes the rest.
+	err := json.Unmarshal(body, v)
 	var te *json.UnmarshalTypeError
-	if err != nil && !(errors.As(err, &te) && te.Field != "") {
-		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_json", Message: "request body is not valid JSON: " + err.Error()}
-	}
-	// A type error still consumed the whole value. dec.More() would accept
-	// a stray '}' or ']': only whitespace may follow.
-	if _, err := dec.Token(); err != io.EOF {
+	var se *json.SyntaxError
+	switch {
+	case err == nil:
+	case errors.As(err, &te) && te.Field != "":
+	case errors.As(err, &se) && strings.HasSuffix(se.Error(), "after top-level value"):
 		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_json", Message: "request body has data after the JSON object"}
+	default:
+		return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_json", Message: "request body is not valid JSON: " + err.Error()}
 	}
 	if te != nil {
 		// Field is the Go path; the embedded struct's name is not part of the JSON.
