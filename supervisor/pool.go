@@ -19,7 +19,7 @@ import (
 type Router interface {
 	AddWorker(id int, b scheduler.Backend)
 	RemoveWorker(id int, cause string)
-	Deliver(id int, m *ipc.Message) error
+	Deliver(id int, m *ipc.Message) error // m is valid only during the call
 	SetDraining(id int)
 	WorkerLoad(id int) (inflight, served int, lastProgress time.Time)
 }
@@ -308,7 +308,8 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 			if m.V != ipc.Version {
 				return fmt.Errorf("worker speaks protocol version %d but this supervisor speaks version %d: install the krserve_worker that matches this krserve binary (make venv)", m.V, ipc.Version)
 			}
-			helloCh <- m
+			h := *m // m is reused for the next frame
+			helloCh <- &h
 			return nil
 		case ipc.TPong:
 			s.mu.Lock()
@@ -575,7 +576,8 @@ func (p *Pool) resolve(m *ipc.Message) error {
 		}
 		return errNotPending
 	}
-	ch <- m
+	c := *m // m is reused for the next frame
+	ch <- &c
 	return nil
 }
 

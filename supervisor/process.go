@@ -100,8 +100,11 @@ type Process struct {
 	exit   *Exit
 }
 
-// Start launches the worker. onMsg is called for every decoded frame; an error
-// it returns (or any malformed frame) marks the worker broken: it is killed.
+// Start launches the worker. onMsg is called for every decoded frame, from one
+// goroutine; an error it returns (or any malformed frame) marks the worker
+// broken: it is killed. The Message is reused for the next frame: onMsg must
+// not keep m after it returns (copying *m is fine: the decoder never reuses
+// the slices and strings it fills in).
 func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) (*Process, error) {
 	p := &Process{
 		ID:       id,
@@ -241,6 +244,7 @@ func (p *Process) readLoop(r io.Reader, onMsg func(*ipc.Message) error) {
 	// (a decode step writes one tok frame per sequence), not two per frame.
 	r = bufio.NewReaderSize(r, 64<<10)
 	var buf []byte
+	m := new(ipc.Message) // one per worker: a tok frame costs no Message allocation
 	for {
 		body, err := ipc.ReadFrame(r, buf)
 		if err == io.EOF {
@@ -252,13 +256,12 @@ func (p *Process) readLoop(r io.Reader, onMsg func(*ipc.Message) error) {
 			return
 		}
 		buf = body[:0]
-		var m ipc.Message
-		if err := ipc.Decode(body, &m); err != nil {
+		if err := ipc.Decode(body, m); err != nil {
 			p.fail(err)
 			_, _ = io.Copy(io.Discard, r)
 			return
 		}
-		if err := onMsg(&m); err != nil {
+		if err := onMsg(m); err != nil {
 			p.fail(err)
 			_, _ = io.Copy(io.Discard, r)
 			return

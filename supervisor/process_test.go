@@ -19,7 +19,8 @@ func startFake(t *testing.T, spec string) (*Process, chan *ipc.Message) {
 	t.Helper()
 	msgs := make(chan *ipc.Message, 4096)
 	proc, err := Start(1, fakeCommand(t, spec), testLog(), func(m *ipc.Message) error {
-		msgs <- m
+		c := *m
+		msgs <- &c
 		return nil
 	})
 	if err != nil {
