@@ -138,12 +138,17 @@ func (s *Scheduler) Submit(r *Request) error {
 	}
 	r.Enqueued = now
 	r.slot = -1
-	if len(s.queue) == 0 && s.idleWorkerLocked() {
-		s.fast = true // decided now, not when Run wakes (more may arrive by then)
-	}
+	fast := len(s.queue) == 0 && s.idleWorkerLocked()
 	s.queue = append(s.queue, r)
 	s.queueTokens += len(r.Prompt)
 	s.m.NumRequestsWaiting.Set(float64(len(s.queue)))
+	if fast {
+		// The fast path: nothing waits and a worker is idle, so the request
+		// goes out now, from the caller's goroutine (no hand-off to Run).
+		s.fast = true
+		s.dispatchLocked(now)
+		return nil
+	}
 	s.poke()
 	return nil
 }
@@ -404,7 +409,9 @@ func (s *Scheduler) releaseLocked(sl *slot, r *Request, now time.Time) {
 	} else {
 		s.avgService = 0.8*s.avgService + 0.2*svc
 	}
-	s.poke()
+	if len(s.queue) > 0 { // a freed slot matters only to a waiting request
+		s.poke()
+	}
 }
 
 func (s *Scheduler) observeDoneLocked(r *Request, now time.Time) {
