@@ -7,9 +7,7 @@ package scheduler
 // its 100 ms target. B barely moves that latency, so the controller never
 // adjusted. This one steers on a latency that B does move: the gap between
 // consecutive tokens of a request. Every sequence decoded together adds to
-// the time of each step. The scheduler leaves out the gaps that may hold the
-// prefill of a request admitted to the same worker (see prefillGaps): their
-// length is set by the admission, not by B, and with a queue they come often.
+// the time of each step.
 //
 // Settings and defaults follow kr-serve-mlx: MLX_AUTO_TUNE (off), batch 2–8,
 // EMA α 0.3, interval 10, target MLX_GPU_SCHEDULER_P99_THRESHOLD_MS (100 ms)

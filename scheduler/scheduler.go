@@ -62,12 +62,6 @@ type slot struct {
 	served       int
 }
 
-// prefillGaps is how many of its next inter-token gaps a decoding request
-// may spend waiting for the prefill of a request admitted to its worker: the
-// worker takes the new prompt at the end of the step it is running, so the
-// prefill lands in the gap open at admission or in the one after it.
-const prefillGaps = 2
-
 // Scheduler is safe for concurrent use. Run must be running for dispatch.
 type Scheduler struct {
 	cfg  Config
@@ -387,15 +381,9 @@ func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []T
 			s.m.PrefillTime.Observe(now.Sub(r.dispatched).Seconds())
 		} else if !r.lastToken.IsZero() {
 			gap := now.Sub(r.lastToken) / time.Duration(n)
-			decodeOnly := r.prefillGaps == 0
-			if !decodeOnly {
-				r.prefillGaps--
-			}
 			for range n {
 				s.m.InterTokenLatency.Observe(gap.Seconds())
-				if decodeOnly {
-					s.tune.Observe(gap)
-				}
+				s.tune.Observe(gap)
 			}
 		}
 		r.lastToken = now
@@ -563,13 +551,6 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 	}
 	for id, reqs := range batches {
 		sl := s.slots[id]
-		// The worker prefills these prompts in the step after the one it is
-		// running: a request already decoding there waits for that prefill
-		// in its current gap or the next one. Those two gaps measure the
-		// admission, not B, so the auto-tuner does not see them.
-		for _, r := range sl.inflight {
-			r.prefillGaps = prefillGaps
-		}
 		var frames []byte
 		for _, r := range reqs {
 			var err error

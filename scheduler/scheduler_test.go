@@ -897,49 +897,6 @@ func TestResumeGapIsNotInterTokenLatency(t *testing.T) {
 	})
 }
 
-// An admission to a worker puts a prefill into one of the next two gaps of
-// every request already decoding there. Those gaps are user-visible latency
-// (the histogram keeps them) but measure the admission, not B: the
-// auto-tuner does not get them. Requests on other workers are unaffected.
-func TestPrefillGapsAreNotTunerSamples(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		h := newHarness(t, 4, func(c *Config) { c.Window = 0 })
-		h.addWorker(1)
-		a := h.submit()
-		h.tok(1, a, "a", 1) // first token: no gap
-		for i := range 3 {  // three decode-only gaps of 10 ms
-			h.advance(10 * time.Millisecond)
-			h.tok(1, a, "x", int32(i+2))
-		}
-		if st := h.s.tune.State(); st.Samples != 3 {
-			t.Fatalf("auto-tuner got %d samples before the admission, want 3", st.Samples)
-		}
-		h.advance(2 * time.Millisecond)
-		b := h.submit() // admitted to worker 1 while a decodes
-		if got := h.ownerOf(b); len(got) != 1 || got[0] != 1 {
-			t.Fatalf("b went to %v", got)
-		}
-		h.advance(8 * time.Millisecond)
-		h.tok(1, a, "y", 10) // the gap open at admission
-		h.advance(40 * time.Millisecond)
-		h.tok(1, b, "B", 20) // b's first token
-		h.tok(1, a, "z", 11) // the gap that held b's prefill
-		for i := range 2 {   // decode-only again
-			h.advance(12 * time.Millisecond)
-			h.tok(1, a, "w", int32(12+i))
-			h.tok(1, b, "v", int32(21+i))
-		}
-		if st := h.s.tune.State(); st.Samples != 3+2+2 {
-			t.Errorf("auto-tuner got %d samples, want 7 (the two prefill gaps left out)", st.Samples)
-		}
-		if _, n := metricValue(t, h.m.InterTokenLatency); n != 3+2+2+2 {
-			t.Errorf("inter-token latency histogram has %d samples, want 9 (every gap)", n)
-		}
-		h.done(1, a, "stop")
-		h.done(1, b, "stop")
-	})
-}
-
 // A Send that fails leaves the requests with their worker; RemoveWorker
 // (which the supervisor calls when the process goes) requeues them.
 func TestSendFailureRequeuedOnRemove(t *testing.T) {

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -112,9 +111,6 @@ def run(model, args, clients, seconds, max_tokens, label):
                         "server_p99_itl_ms_5s": round(hist_p99(hists[max(0, len(hists) - 6)], hists[-1]), 1)
                         if len(hists) > 1 else None,
                         "client_p99_itl_ms_5s": round(p99(recent) * 1000, 1),
-                        # the tuner's own signal: P99 of decode-only gaps (no prefill of
-                        # an admission in them) over its sliding window, and its EMA
-                        "tuner_p99_ms": at.get("p99_ms"), "tuner_ema_ms": at.get("ema_ms"),
                         "queue": st["scheduler"]["queue_requests"]})
         print(label, samples[-1], file=sys.stderr)
     _, st = s.get("/stats")
@@ -124,9 +120,7 @@ def run(model, args, clients, seconds, max_tokens, label):
     end = time.monotonic()
     with lock:
         last = [g for (t, g) in gaps if t > end - 15]
-    tail = [x["tuner_p99_ms"] for x in samples if x["t"] > seconds - 15 and x["tuner_p99_ms"]]
     return {"label": label, "args": args, "samples": samples,
-            "final_tuner_p99_ms_last15s": round(statistics.median(tail), 1) if tail else float("nan"),
             "adjustments": st["scheduler"]["autotune"].get("adjustments", []),
             "final_b": st["scheduler"]["autotune"]["b"],
             "final_p99_itl_ms_last15s": final_server_p99,
@@ -169,9 +163,7 @@ def main():
         ok = abs(r["final_p99_itl_ms_last15s"] - target) <= tol
         print(f"{r['label']}: B {a.batch_size} -> {r['final_b']}, final P99 ITL {r['final_p99_itl_ms_last15s']} ms "
               f"(target {target} ± {tol}: {'within' if ok else 'outside'}; "
-              f"client-side {r['final_client_p99_itl_ms_last15s']} ms); decode-only P99 (the tuner's signal, "
-              f"median of 1-s samples over the last 15 s) {r['final_tuner_p99_ms_last15s']} ms "
-              f"({'within' if abs(r['final_tuner_p99_ms_last15s'] - target) <= tol else 'outside'}), "
+              f"client-side {r['final_client_p99_itl_ms_last15s']} ms), "
               f"{len(r['adjustments'])} adjustments, {r['tokens_per_second_30s']} tok/s")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
