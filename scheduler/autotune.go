@@ -150,7 +150,9 @@ type TuneState struct {
 // sample arrived since the previous one and the window holds enough samples.
 // The controller acts as follows:
 //
-//   - P99 > 2×Target: B −= 2 at once (emergency_down).
+//   - P99 > 2×Target in two counted evaluations in a row: B −= 2 at once
+//     (emergency_down). One is not enough: a P99 over a few hundred gaps
+//     can be one burst (a prefill, a pause of the machine).
 //   - Otherwise, every Interval counted evaluations:
 //     EMA > Target+Tolerance: B −= 1.
 //     EMA < Target−Tolerance and requests are waiting: B += 1, subject to
@@ -186,6 +188,7 @@ type Controller struct {
 	evals    int   // counted evaluations in the current interval
 	clock    int64 // counted evaluations ever; the hysteresis clock
 	settle   bool  // discard the samples of the next evaluation
+	over     int   // counted evaluations in a row with P99 > 2×Target
 
 	ceiling      int   // 0: none
 	ceilingUntil int64 // clock value at which the ceiling stops holding
@@ -261,7 +264,12 @@ func (c *Controller) Evaluate(now time.Time, waiting bool) (b int, adj *Adjustme
 		return b, nil
 	}
 
-	if c.p99 > 2*c.cfg.Target && b > c.cfg.Min {
+	if c.p99 > 2*c.cfg.Target {
+		c.over++
+	} else {
+		c.over = 0
+	}
+	if c.over >= 2 && b > c.cfg.Min {
 		return c.changeLocked(now, b, max(c.cfg.Min, b-2), TuneEmergencyDown)
 	}
 	c.evals++
@@ -318,7 +326,7 @@ func (c *Controller) changeLocked(now time.Time, old, nb int, reason string) (in
 	c.b.Store(int64(nb))
 	c.clearWindow()
 	c.emaSet = false
-	c.evals = 0
+	c.evals, c.over = 0, 0
 	c.settle = true
 	return nb, &a
 }

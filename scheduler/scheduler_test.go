@@ -1263,6 +1263,13 @@ func TestTunerChangesB(t *testing.T) {
 		// twice the 100ms target.
 		h.tok(1, r1, "bcdefghi", 2, 3, 4, 5, 6, 7, 8, 9)
 		h.advance(200 * time.Millisecond)
+		if v := counter(t, h.m.AutotuneAdjustments.WithLabelValues(TuneEmergencyDown)); v != 0 {
+			t.Fatalf("emergency step after one evaluation over 2× target")
+		}
+		// The next evaluation with new samples still over 2× target.
+		h.advance(3 * time.Second)
+		h.tok(1, r1, "jklmnopq", 10, 11, 12, 13, 14, 15, 16, 17)
+		h.advance(200 * time.Millisecond)
 		if v := counter(t, h.m.AutotuneAdjustments.WithLabelValues(TuneEmergencyDown)); v != 1 {
 			t.Fatalf("emergency_down adjustments = %v", v)
 		}

@@ -45,6 +45,7 @@ type upConfig struct {
 	TuneMin, TuneMax          int
 	TuneAlpha                 float64
 	TuneInterval              int
+	TuneWindow                int
 	MaxQueue, MaxQueueTokens  int
 	MaxCrashes                int
 	StartTimeout              time.Duration
@@ -101,6 +102,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.TuneMax, "auto-tune-max", 32, "largest B the auto-tuner may choose")
 	f.Float64Var(&c.TuneAlpha, "auto-tune-alpha", 0.3, "auto-tuner EMA smoothing factor")
 	f.IntVar(&c.TuneInterval, "auto-tune-interval", 10, "evaluations between ordinary auto-tuner steps")
+	f.IntVar(&c.TuneWindow, "auto-tune-window", 512, "inter-token gaps the auto-tuner's P99 is taken over (more: steadier, slower)")
 	f.IntVar(&c.MaxQueue, "max-queue", 256, "requests that may wait (429 beyond)")
 	f.IntVar(&c.MaxQueueTokens, "max-queue-tokens", 1<<20, "prompt tokens that may wait (429 beyond)")
 	f.IntVar(&c.MaxCrashes, "max-crashes", 2, "a request in flight during this many worker crashes fails")
@@ -223,7 +225,7 @@ func runUp(parent context.Context, c upConfig) error {
 
 	tune := scheduler.TuneConfig{
 		Enabled: c.AutoTune, Min: c.TuneMin, Max: c.TuneMax, Initial: c.BatchSize, Alpha: c.TuneAlpha,
-		Interval: c.TuneInterval, Target: msDuration(c.P99TargetMS), Tolerance: msDuration(c.ToleranceMS),
+		Interval: c.TuneInterval, Window: c.TuneWindow, Target: msDuration(c.P99TargetMS), Tolerance: msDuration(c.ToleranceMS),
 	}
 	if !c.AutoTune { // a fixed B is whatever the user asked for
 		tune.Min, tune.Max = min(tune.Min, c.BatchSize), max(tune.Max, c.BatchSize)

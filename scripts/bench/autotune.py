@@ -139,6 +139,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--target-ms", default="auto")
     ap.add_argument("--tolerance-ms", default="auto")
+    ap.add_argument("--window", type=int, default=2048, help="--auto-tune-window: gaps the tuner's P99 is taken over")
     ap.add_argument("--json")
     a = ap.parse_args()
     base = ["--workers", "1", "--batch-size", str(a.batch_size)]
@@ -154,7 +155,8 @@ def main():
         target = float(a.target_ms)
     tol = round(0.1 * target, 1) if a.tolerance_ms == "auto" else float(a.tolerance_ms)
     tune = ["--p99-target-ms", str(target), "--p99-tolerance-ms", str(tol), "--auto-tune-min", str(a.min_batch),
-            "--auto-tune-max", str(a.max_batch), "--auto-tune-interval", "5"]
+            "--auto-tune-max", str(a.max_batch), "--auto-tune-interval", "5",
+            "--auto-tune-window", str(a.window)]
     on = run(a.model, base + ["--auto-tune"] + tune, a.clients, a.seconds, a.max_tokens, "tuner-on")
     off = run(a.model, base + tune, a.clients, a.seconds, a.max_tokens, "tuner-off")
     report = {"target_ms": target, "tolerance_ms": tol, "clients": a.clients, "start_b": a.batch_size,
