@@ -86,6 +86,9 @@ type Process struct {
 	tail    *tailWriter
 
 	out      chan []byte // frames for the writer goroutine
+	in       syscall.RawConn
+	wmu      sync.Mutex // orders direct writes with the writer goroutine's
+	queued   int        // frames handed to the writer goroutine and not yet written (under wmu)
 	stopOnce sync.Once
 	stopping chan struct{} // closed when stop begins: no more sends
 
@@ -196,13 +199,20 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 		defer outR.Close()
 		p.readLoop(outR, onMsg)
 	}()
-	go func() { // stdin: one writer, one Write per batch of frames
+	if p.in, err = inW.SyscallConn(); err != nil {
+		p.in = nil // Send then always queues
+	}
+	go func() { // stdin: frames Send could not write at once, in order
 		defer readers.Done()
 		defer inW.Close()
 		for {
 			select {
 			case f := <-p.out:
-				if _, err := inW.Write(f); err != nil {
+				_, err := inW.Write(f)
+				p.wmu.Lock()
+				p.queued--
+				p.wmu.Unlock()
+				if err != nil {
 					// EPIPE: the worker closed its input, so it is exiting and its
 					// exit says why (blaming the write would hide a crash's
 					// cause); if it lingers, the heartbeat or the full queue
@@ -285,8 +295,11 @@ func (p *Process) fail(err error) {
 // kills its process group at once.
 func (p *Process) Kill(err error) { p.fail(err) }
 
-// Send queues frames for the worker. It never blocks on the pipe; if the
-// writer is more than its buffer behind, the worker is broken.
+// Send writes frames to the worker's stdin. It never blocks on the pipe:
+// when nothing is queued it tries one non-blocking write from the caller
+// (no goroutine hand-off on the hot path) and queues whatever the pipe did
+// not take for the writer goroutine; if that queue is more than its buffer
+// behind, the worker is broken.
 func (p *Process) Send(frames []byte) error {
 	select {
 	case <-p.stopping:
@@ -295,8 +308,27 @@ func (p *Process) Send(frames []byte) error {
 		return ErrStopped
 	default:
 	}
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	if p.queued == 0 && p.in != nil {
+		n, err := p.writeNow(frames)
+		switch {
+		case err == nil && n == len(frames):
+			return nil
+		case err == nil || errors.Is(err, syscall.EAGAIN):
+			frames = frames[n:] // the pipe is full: the writer waits for room
+		case errors.Is(err, syscall.EPIPE):
+			return nil // the worker closed its input: it is exiting, and its exit says why
+		case errors.Is(err, os.ErrClosed):
+			return ErrStopped // the writer closed stdin: the process is stopping
+		default:
+			p.fail(fmt.Errorf("write to worker: %w", err))
+			return ErrStopped
+		}
+	}
 	select {
 	case p.out <- frames:
+		p.queued++
 		return nil
 	case <-p.stopping:
 		return ErrStopped
@@ -304,6 +336,28 @@ func (p *Process) Send(frames []byte) error {
 		p.fail(errors.New("worker is not reading its input (write queue full)"))
 		return ErrStopped
 	}
+}
+
+// writeNow makes one non-blocking write of b to the worker's stdin.
+func (p *Process) writeNow(b []byte) (int, error) {
+	var n int
+	var werr error
+	err := p.in.Write(func(fd uintptr) bool {
+		for {
+			n, werr = syscall.Write(int(fd), b)
+			if werr != syscall.EINTR {
+				break
+			}
+		}
+		return true // done: never wait for the pipe here
+	})
+	if err != nil { // the file is closed: the process is stopping
+		return 0, err
+	}
+	if n < 0 {
+		n = 0
+	}
+	return n, werr
 }
 
 // alive reports whether the process still takes frames (it is neither
