@@ -116,6 +116,52 @@ def test_exact_length_with_logit_bias(worker, ref, prompts, new_id):
     assert got["last"]["reason"] == "length" and got["last"]["ctoks"] == 40
 
 
+def test_single_fast_path_then_batch_alongside(worker, ref, prompts, new_id):
+    """A request alone takes the generate_step fast path; two that arrive while
+    it decodes go to the BatchGenerator, and all three advance together. Each
+    output equals its own single-request greedy run."""
+    a, b, c = new_id(), new_id(), new_id()
+    worker.send(gen(a, prompts[0], 40, logit_bias=NO_EOS))
+    first = worker.next_for(a, 60)
+    assert first["t"] == "tok"
+    worker.send(gen(b, prompts[1], 24, logit_bias=NO_EOS), gen(c, prompts[2], 24, logit_bias=NO_EOS))
+    got_a = summarize([first] + worker.collect(a))
+    got_b, got_c = summarize(worker.collect(b)), summarize(worker.collect(c))
+    err = worker.stderr_text()
+    assert f"fast path: id {a}" in err
+    assert f"inserted 2 request(s): ids {[b, c]}" in err
+    for got, p, n in ((got_a, prompts[0], 40), (got_b, prompts[1], 24), (got_c, prompts[2], 24)):
+        want = ref_greedy(ref, p, n, logit_bias=NO_EOS)
+        assert got["ids"] == want["ids"] and len(got["ids"]) == n
+        assert got["text"] == want["text"]
+        assert got["last"]["reason"] == "length" and got["last"]["ctoks"] == n
+
+
+def test_fast_path_cancel_then_next_request(worker, ref, prompts, new_id):
+    a = new_id()
+    worker.send(gen(a, prompts[3], 500, logit_bias=NO_EOS))
+    assert worker.next_for(a, 60)["t"] == "tok"
+    worker.send({"t": "cancel", "id": a})
+    frames = worker.collect(a)
+    assert frames[-1]["t"] == "done" and frames[-1]["reason"] == "cancelled"
+    assert f"fast path: id {a}" in worker.stderr_text()
+    b = new_id()
+    got = run(worker, b, prompts[4], 16, logit_bias=NO_EOS)
+    assert got["ids"] == ref_greedy(ref, prompts[4], 16, logit_bias=NO_EOS)["ids"]
+
+
+def test_no_single_fast_path_gives_the_same_output(start_worker, ref, prompts):
+    w = start_worker(args=("--no-single-fast-path",))
+    w.hello()
+    w.send(gen(7, prompts[3], 24))
+    got = summarize(w.collect(7))
+    assert "inserted 1 request(s): ids [7]" in w.stderr_text()
+    assert "fast path" not in w.stderr_text()
+    want = ref_greedy(ref, prompts[3], 24)
+    assert got["ids"] == want["ids"] and got["text"] == want["text"]
+    assert got["last"]["reason"] == want["reason"] and got["last"]["ctoks"] == want["ctoks"]
+
+
 def test_four_at_once_match_batch_generate(worker, ref, prompts, new_id):
     from mlx_lm import batch_generate
     from mlx_lm.sample_utils import make_logits_processors

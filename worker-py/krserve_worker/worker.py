@@ -3,7 +3,12 @@
 Threads:
 
 - The main thread owns MLX: ``mlx_lm.load``, the ``BatchGenerator`` and every
-  ``insert``/``next``/``remove``. Between two ``next()`` calls it drains the
+  ``insert``/``next``/``remove``. A request that arrives when nothing else runs
+  (and whose prompt fits one prefill step) is decoded with ``generate_step``
+  instead, stream_generate's loop: a batch of one pays the batch's per-step
+  work. Requests that arrive meanwhile go to the ``BatchGenerator`` and both
+  advance one token per loop until the lone one ends
+  (``--no-single-fast-path`` turns this off). Between two ``next()`` calls it drains the
   message queue without blocking (it blocks only when idle). All ``gen``
   messages drained together go into one ``insert`` call, so their prefill is
   batched; cancels and shutdown are applied at step boundaries (a long prefill
@@ -60,6 +65,9 @@ def parse_args(argv):
                     help="prompts prefilled together (prefill_batch_size)")
     ap.add_argument("--prefill-step", type=int, default=512,
                     help="prompt tokens per prefill step; smaller keeps cancel responsive")
+    ap.add_argument("--no-single-fast-path", dest="single_fast_path", action="store_false",
+                    help="decode a request that runs alone with BatchGenerator too "
+                         "(default: with mlx-lm's generate_step, as stream_generate does)")
     args = ap.parse_args(argv)
     for name in ("max_batch", "prefill_batch", "prefill_step"):
         if getattr(args, name) < 1:
@@ -230,7 +238,19 @@ class Worker:
             prefill_batch_size=args.prefill_batch,
             prefill_step_size=args.prefill_step,
         )
-        self.reqs: dict[int, Request] = {}  # id -> request inserted in the generator
+        from mlx_lm.generate import generate_step
+
+        self.generate_step = generate_step
+        self.single_fast_path = getattr(args, "single_fast_path", True)
+        self.prefill_step = args.prefill_step
+        # The single-sequence fast path: a request that arrives when nothing
+        # else runs is decoded by generate_step (stream_generate's loop, less
+        # per-step work than a batch of one). Requests that arrive while it
+        # runs go to the BatchGenerator; both advance one token per loop
+        # until the fast one ends. It is in self.reqs like any other.
+        self.fast: Request | None = None
+        self.fast_iter = None
+        self.reqs: dict[int, Request] = {}  # id -> running request (generator or fast path)
         self.by_uid: dict[int, Request] = {}
         self.pending: list[Request] = []  # validated, not yet inserted
         self.noise = os.environ.get("KRSERVE_WORKER_NOISE") == "1"
@@ -247,6 +267,8 @@ class Worker:
         s.mem_peak = int(self.mx.get_peak_memory())
 
     def finish(self, req: Request, remove: bool):
+        if req is self.fast:
+            self.fast, self.fast_iter = None, None  # dropping the generator frees its cache
         if remove and req.uid is not None:
             self.gen.remove([req.uid])
         self.reqs.pop(req.p.id, None)
@@ -308,6 +330,19 @@ class Worker:
     def insert_pending(self, out):
         if not self.pending:
             return
+        if (self.single_fast_path and not self.reqs and len(self.pending) == 1
+                and len(self.pending[0].p.prompt) + len(self.pending[0].p.resume) <= self.prefill_step):
+            # Alone, and a prompt prefilled in one step anyway (a longer one
+            # goes to the generator, whose chunked prefill can be cancelled).
+            r = self.pending.pop()
+            self.fast = r
+            self.fast_iter = self.generate_step(
+                self.mx.array(r.p.prompt + r.p.resume), self.model,
+                max_tokens=r.p.max_tokens, sampler=r.sampler,
+                logits_processors=r.processors or None, prefill_step_size=self.prefill_step)
+            self.reqs[r.p.id] = r
+            log(f"fast path: id {r.p.id}")
+            return
         batch, self.pending = self.pending, []
         try:
             uids = self.gen.insert(
@@ -330,6 +365,28 @@ class Worker:
     # -- generation --
 
     def step(self, out):
+        if self.fast is not None:
+            self.step_fast(out)
+        if self.by_uid:
+            self.step_batch(out)
+
+    def step_fast(self, out):
+        req = self.fast
+        token, logprobs = next(self.fast_iter)
+        token = int(token)
+        # BatchGenerator's finish reasons: "stop" on EOS, "length" at max_tokens.
+        if token in self.eos:
+            reason = "stop"
+        elif req.ctoks + 1 >= req.p.max_tokens:
+            reason = "length"
+        else:
+            reason = None
+        lp = self.logprob_data(req.p.top_logprobs, token, logprobs) if req.p.logprobs else None
+        self.on_token(req, token, reason, out, lp)
+        if reason is not None and req is self.fast:
+            self.finish(req, remove=False)
+
+    def step_batch(self, out):
         _, responses = self.gen.next()
         for r in responses:
             req = self.by_uid.get(r.uid)
