@@ -469,7 +469,15 @@ class Worker:
             self.writer.write(b"".join(frames))
 
     def run(self) -> int:
+        # KRSERVE_WORKER_TIMING=1: every 256 steps, log the time per loop spent
+        # in step() (MLX: graph building and waiting for the device) and
+        # outside it (messages, detokenizing, frames) -- where a worker's
+        # per-token overhead goes.
+        self.timing = os.environ.get("KRSERVE_WORKER_TIMING") == "1"
+        self.t_step = self.t_loop = 0.0
+        self.n_steps = 0
         while True:
+            t_loop = time.perf_counter()
             idle = not self.reqs and not self.pending
             items = []
             try:
@@ -495,12 +503,23 @@ class Worker:
                     self.writer.close()
                     return EXIT_PROTOCOL
             self.insert_pending(out)
+            dt_step = 0.0
             if self.reqs:
+                t0 = time.perf_counter()
                 self.step(out)
+                dt_step = time.perf_counter() - t0
+                self.n_steps += 1
                 if self.noise:
                     self.make_noise()
             self.publish()
             self.write(out)
+            if self.timing and not idle and dt_step:
+                self.t_step += dt_step
+                self.t_loop += time.perf_counter() - t_loop
+                if self.n_steps % 256 == 0:
+                    log(f"timing: {self.n_steps} steps, {1000 * self.t_step / 256:.2f} ms/step in step(), "
+                        f"{1000 * (self.t_loop - self.t_step) / 256:.2f} ms/step outside")
+                    self.t_step = self.t_loop = 0.0
 
 
 def _model_info(model, tokenizer, config: dict) -> tuple[int, int]:
