@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
 ARGS ?=
 
-.PHONY: all build venv model prometheus up test test-go test-py vet bench bench-tiny soak clean
+.PHONY: all build venv model prometheus up test test-go test-py vet bench bench-tiny bench-supervisor soak clean
 
 all: build
 
@@ -61,6 +61,11 @@ bench: build model
 bench-tiny: build venv
 	$(PY) scripts/make_tiny_model.py .cache/tiny-model >/dev/null
 	$(MAKE) bench BENCH_MODEL=$(CURDIR)/.cache/tiny-model
+
+# The supervisor's own CPU per request, with an instant fake worker, beside a
+# net/http server that replays the same bytes (docs/benchmarks.md).
+bench-supervisor:
+	scripts/bench/supervisor_cost.sh $(ARGS)
 
 # Crash soak: 32 clients while workers are killed with SIGSEGV/SIGKILL.
 soak: build venv
