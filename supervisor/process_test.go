@@ -455,3 +455,30 @@ func TestProcessStartFailure(t *testing.T) {
 		t.Fatalf("err %v", err)
 	}
 }
+
+// A frame larger than the pipe's buffer: Send's direct write takes what the
+// pipe holds, the writer goroutine the rest, and frames sent meanwhile queue
+// behind it. The worker sees every byte, in order.
+func TestProcessSendLargerThanPipe(t *testing.T) {
+	proc, msgs := startFake(t, "ok")
+	recv(t, msgs, ipc.THello)
+	big := strings.Repeat("abcdefghij", 30000) // 300 kB: several pipe buffers
+	send(t, proc, &ipc.Message{T: ipc.TTokenize, ID: 20, Text: big})
+	send(t, proc, &ipc.Message{T: ipc.TTokenize, ID: 21, Text: "ok"})
+	send(t, proc, &ipc.Message{T: ipc.TPing, Seq: 9})
+	tk := recv(t, msgs, ipc.TTokens)
+	if tk.ID != 20 || len(tk.IDs) != len(big) {
+		t.Fatalf("tokens id %d with %d ids, want id 20 with %d", tk.ID, len(tk.IDs), len(big))
+	}
+	for i, id := range tk.IDs {
+		if id != int32(big[i]) {
+			t.Fatalf("id %d = %d, want %d", i, id, big[i])
+		}
+	}
+	if tk := recv(t, msgs, ipc.TTokens); tk.ID != 21 || len(tk.IDs) != 2 || tk.IDs[0] != 'o' {
+		t.Fatalf("second tokens %+v", tk)
+	}
+	if p := recv(t, msgs, ipc.TPong); p.Seq != 9 {
+		t.Fatalf("pong seq %d, want 9", p.Seq)
+	}
+}
