@@ -633,37 +633,18 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	id, created := s.idFor(j, req), time.Now().Unix()
 	enc := newChunkEncoder(j.chat, id, created, j.model)
 	offset := 0 // completions: characters of output before the next token
-	chunk := func(text *string, role string, finish *string, u *usage, lps []scheduler.TokenLogprob) any {
+	// A chunk with logprobs, the one chunk enc does not write by hand.
+	logprobsChunk := func(text string, lps []scheduler.TokenLogprob) any {
 		if j.chat {
-			c := chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: j.model, SystemFingerprint: "krserve", Usage: u}
-			if u == nil || text != nil || finish != nil {
-				c.Choices = []chatChoice{{Index: 0, Delta: &chatOutMsg{Role: role, Content: text}, FinishReason: finish}}
-				if len(lps) > 0 {
-					lp := &chatLogprobs{}
-					lp.add(lps)
-					c.Choices[0].Logprobs = lp
-				}
-			} else {
-				c.Choices = []chatChoice{}
-			}
-			return c
+			lp := &chatLogprobs{}
+			lp.add(lps)
+			return chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: j.model, SystemFingerprint: "krserve",
+				Choices: []chatChoice{{Index: 0, Delta: &chatOutMsg{Content: &text}, Logprobs: lp}}}
 		}
-		c := completionResponse{ID: id, Object: "text_completion", Created: created, Model: j.model, SystemFingerprint: "krserve", Usage: u}
-		if u == nil || text != nil || finish != nil {
-			t := ""
-			if text != nil {
-				t = *text
-			}
-			c.Choices = []completionChoice{{Index: 0, Text: t, FinishReason: finish}}
-			if len(lps) > 0 {
-				lp := newCompletionLogprobs()
-				offset = lp.add(lps, offset)
-				c.Choices[0].Logprobs = lp
-			}
-		} else {
-			c.Choices = []completionChoice{}
-		}
-		return c
+		lp := newCompletionLogprobs()
+		offset = lp.add(lps, offset)
+		return completionResponse{ID: id, Object: "text_completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
+			Choices: []completionChoice{{Index: 0, Text: text, Logprobs: lp}}}
 	}
 	// Writes go to net/http's buffer; a flush is one write syscall. Flushes
 	// happen where a client needs the bytes: after the opening (headers and
@@ -711,8 +692,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		if ev.Text != "" || len(ev.Logprobs) > 0 {
 			var b []byte
 			if len(ev.Logprobs) > 0 {
-				t := ev.Text
-				b = enc.event(chunk(&t, "", nil, nil, ev.Logprobs))
+				b = enc.event(logprobsChunk(ev.Text, ev.Logprobs))
 			} else {
 				b = enc.content(ev.Text)
 			}
