@@ -382,9 +382,7 @@ class Worker:
         else:
             reason = None
         lp = self.logprob_data(req.p.top_logprobs, token, logprobs) if req.p.logprobs else None
-        self.on_token(req, token, reason, out, lp)
-        if reason is not None and req is self.fast:
-            self.finish(req, remove=False)
+        self.on_token(req, token, reason, out, lp)  # with a reason, it also finishes req
 
     def step_batch(self, out):
         _, responses = self.gen.next()
@@ -476,8 +474,10 @@ class Worker:
         self.timing = os.environ.get("KRSERVE_WORKER_TIMING") == "1"
         self.t_step = self.t_loop = 0.0
         self.n_steps = 0
+        t_loop = 0.0
         while True:
-            t_loop = time.perf_counter()
+            if self.timing:
+                t_loop = time.perf_counter()
             idle = not self.reqs and not self.pending
             items = []
             try:
@@ -505,10 +505,13 @@ class Worker:
             self.insert_pending(out)
             dt_step = 0.0
             if self.reqs:
-                t0 = time.perf_counter()
-                self.step(out)
-                dt_step = time.perf_counter() - t0
-                self.n_steps += 1
+                if self.timing:
+                    t0 = time.perf_counter()
+                    self.step(out)
+                    dt_step = time.perf_counter() - t0
+                    self.n_steps += 1
+                else:
+                    self.step(out)
                 if self.noise:
                     self.make_noise()
             self.publish()
