@@ -160,6 +160,22 @@ def make_eos_mask(eos_ids):
     return processor
 
 
+def record(t0, first, tokens, prompt_tokens, chunks, finish, gaps):
+    """One request's record, ending now (the load generator's schema)."""
+    e2e = (time.perf_counter() - t0) * 1000.0
+    return dict(
+        ttft_ms=(first - t0) * 1000.0 if first is not None else 0.0,
+        e2e_ms=e2e,
+        tokens=tokens,
+        prompt_tokens=prompt_tokens,
+        tokens_source="generator",
+        chunks=chunks,
+        tok_per_s=tokens / (e2e / 1000.0) if e2e > 0 else 0.0,
+        finish_reason=finish,
+        itl_ms=gaps,
+    )
+
+
 def run_one(model, tokenizer, question, max_tokens, sampler, processors, stream_generate):
     t0 = time.perf_counter()
     prompt = tokenizer.apply_chat_template(
@@ -186,20 +202,9 @@ def run_one(model, tokenizer, question, max_tokens, sampler, processors, stream_
                 gaps.append((now - last) * 1000.0)
             last = now
             chunks += 1
-    t1 = time.perf_counter()
     tokens = resp.generation_tokens if resp is not None else 0
-    e2e = (t1 - t0) * 1000.0
-    return t0, dict(
-        ttft_ms=(first - t0) * 1000.0 if first is not None else 0.0,
-        e2e_ms=e2e,
-        tokens=tokens,
-        prompt_tokens=len(prompt),
-        tokens_source="generator",
-        chunks=chunks,
-        tok_per_s=tokens / (e2e / 1000.0) if e2e > 0 else 0.0,
-        finish_reason=(resp.finish_reason if resp is not None else None) or "",
-        itl_ms=gaps,
-    )
+    finish = (resp.finish_reason if resp is not None else None) or ""
+    return t0, record(t0, first, tokens, len(prompt), chunks, finish, gaps)
 
 
 def run_one_batch(gen, tokenizer, question, max_tokens, sampler, processors):
@@ -249,19 +254,7 @@ def run_one_batch(gen, tokenizer, question, max_tokens, sampler, processors):
                     gaps.append((now - last) * 1000.0)
                 last = now
                 chunks += 1
-    t1 = time.perf_counter()
-    e2e = (t1 - t0) * 1000.0
-    return t0, dict(
-        ttft_ms=(first - t0) * 1000.0 if first is not None else 0.0,
-        e2e_ms=e2e,
-        tokens=tokens,
-        prompt_tokens=len(prompt),
-        tokens_source="generator",
-        chunks=chunks,
-        tok_per_s=tokens / (e2e / 1000.0) if e2e > 0 else 0.0,
-        finish_reason=finish,
-        itl_ms=gaps,
-    )
+    return t0, record(t0, first, tokens, len(prompt), chunks, finish, gaps)
 
 
 def main(argv=None):
