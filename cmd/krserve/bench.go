@@ -146,7 +146,7 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 		}
 		if b.warmup > 0 {
 			w := cfg
-			w.Concurrency, w.Requests = 1, b.warmup
+			w.Concurrency, w.Requests, w.ServerCPU = 1, b.warmup, false
 			wr, err := loadgen.Run(ctx, w)
 			if err != nil {
 				return fmt.Errorf("bench: warmup: %w", err)
