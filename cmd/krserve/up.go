@@ -55,6 +55,7 @@ type upConfig struct {
 	RecycleRequests           int
 	RecycleRSSMB              int
 	PrefillStep               int
+	PrefillBatch              int
 	WorkerExec                string
 	API                       api.Config
 }
@@ -115,6 +116,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.RecycleRequests, "recycle-requests", 0, "replace a worker after it served this many requests (0: never)")
 	f.IntVar(&c.RecycleRSSMB, "recycle-rss-mb", 0, "replace a worker whose resident memory passes this (0: never)")
 	f.IntVar(&c.PrefillStep, "prefill-step", 512, "prompt tokens per prefill step in the worker (smaller: faster cancel)")
+	f.IntVar(&c.PrefillBatch, "prefill-batch", 0, "prompts a worker prefills in one step (0: as many as it decodes at once, so a burst of arrivals is prefilled together; less: shorter stalls of running streams)")
 	f.StringVar(&c.API.ModelName, "served-model-name", "default", "model id clients use (the model path is accepted too)")
 	f.IntVar(&c.API.MaxTokens, "max-tokens-cap", c.API.MaxTokens, "largest max_tokens a request may ask for")
 	f.IntVar(&c.API.DefaultMaxTokens, "default-max-tokens", c.API.DefaultMaxTokens, "max_tokens when a request names none")
@@ -233,10 +235,20 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.BatchSize < 1 {
 		return fmt.Errorf("--batch-size must be at least 1; got %d", c.BatchSize)
 	}
+	if c.PrefillStep < 1 {
+		return fmt.Errorf("--prefill-step must be at least 1; got %d", c.PrefillStep)
+	}
+	if c.PrefillBatch < 0 {
+		return fmt.Errorf("--prefill-batch must be at least 0 (0: the batch size); got %d", c.PrefillBatch)
+	}
 	if tune.Min < 1 || tune.Max < tune.Min {
 		return fmt.Errorf("auto-tune bounds [%d, %d] are not a valid range", tune.Min, tune.Max)
 	}
 	maxB := max(tune.Max, c.BatchSize)
+	prefillBatch := c.PrefillBatch
+	if prefillBatch == 0 {
+		prefillBatch = maxB
+	}
 
 	m := metrics.New(metrics.ModelInfo{Model: filepath.Base(model)}, metrics.BuildInfo{Version: version, GoVersion: runtime.Version()})
 	st := metrics.NewStats(time.Now)
@@ -254,7 +266,8 @@ func runUp(parent context.Context, c upConfig) error {
 	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20
 	pcfg.Command = func(slot int) supervisor.Command {
 		args := []string{"-m", "krserve_worker", "--model", model,
-			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep)}
+			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep),
+			"--prefill-batch", strconv.Itoa(prefillBatch)}
 		if c.WorkerExec != "" {
 			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
 		}
@@ -285,7 +298,7 @@ func runUp(parent context.Context, c upConfig) error {
 		mux.Handle("GET /metrics", m.Handler())
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	}
-	log.Info("krserve listening", "addr", "http://"+ln.Addr().String(), "workers", c.Workers, "batch_size", c.BatchSize,
+	log.Info("krserve listening", "addr", "http://"+ln.Addr().String(), "workers", c.Workers, "batch_size", c.BatchSize, "prefill_batch", prefillBatch,
 		"window_ms", c.WindowMS, "auto_tune", c.AutoTune, "metrics_addr", c.MetricsAddr, "python", python)
 	if c.Host != "127.0.0.1" && c.Host != "localhost" && c.Host != "::1" {
 		log.Warn("listening beyond loopback", "host", c.Host, "api_key_set", c.APIKey != "")

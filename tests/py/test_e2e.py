@@ -33,7 +33,9 @@ def inproc(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Server(model_dir, "--workers", "1", "--batch-size", "8")
+    # --prefill-batch 2: four requests in flight are prefilled in two groups,
+    # and must still equal batch_generate's all-at-once run.
+    s = Server(model_dir, "--workers", "1", "--batch-size", "8", "--prefill-batch", "2")
     yield s
     assert s.stop() == 0, s.log()
 
