@@ -555,6 +555,24 @@ func (h *harness) idle(d time.Duration) error {
 	}
 }
 
+// doResult is an HTTP client call's outcome, for calls made in a goroutine.
+type doResult struct {
+	resp *http.Response
+	err  error
+}
+
+// eventually waits until cond holds, checking every millisecond for up to d.
+func (h *harness) eventually(d time.Duration, what string, cond func() bool) error {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not true after %s: %s", d, what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil
+}
+
 // handlersDone waits until no request is counted as being served.
 func (h *harness) handlersDone(d time.Duration) error {
 	deadline := time.Now().Add(d)

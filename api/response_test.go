@@ -502,16 +502,30 @@ func TestStreamWorkerCrash(t *testing.T) {
 }
 
 // TestStreamErrors: failures after the 200 went out are error chunks.
+// TestStreamErrors: a streamed request that fails before its first token gets
+// a real HTTP error status (nothing has been written yet); one that fails
+// after it ends its event stream with an error chunk and [DONE].
 func TestStreamErrors(t *testing.T) {
-	t.Run("timeout", func(t *testing.T) {
+	t.Run("timeout before the first token", func(t *testing.T) {
 		hold := make(chan struct{})
 		defer close(hold)
 		h := newHarness(t, func(c *harnessConfig) { c.workers = []workerConfig{{hold: hold}} })
-		resp := h.streamRequest(t, context.Background(), chatPath, chatJSON(`,"stream":true,"timeout":0.02`))
+		resp, body := h.do("POST", chatPath, chatJSON(`,"stream":true,"timeout":0.02`))
+		h.expectError(t, resp, body, apiErr{status: 504, typ: "timeout_error", code: "timeout", msg: "request timed out"})
+		if err := h.idle(5 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("timeout mid-stream", func(t *testing.T) {
+		h := newHarness(t, func(c *harnessConfig) { c.workers = []workerConfig{{stallAfter: 1}} })
+		resp := h.streamRequest(t, context.Background(), chatPath, chatJSON(`,"stream":true,"timeout":0.05`))
 		defer resp.Body.Close()
 		data, _, err := newSSEReader(t, resp.Body).readAll()
 		if err != nil {
 			t.Fatal(err)
+		}
+		if len(data) != 4 || !strings.Contains(data[1], `"content":"w0 "`) {
+			t.Fatalf("want role, one token, error, [DONE]; got %q", data)
 		}
 		checkErrorChunk(t, data, "timeout_error", "timeout", "request timed out")
 		if err := h.idle(5 * time.Second); err != nil {
@@ -520,12 +534,7 @@ func TestStreamErrors(t *testing.T) {
 	})
 	t.Run("worker refuses", func(t *testing.T) {
 		h := newHarness(t)
-		resp := h.streamRequest(t, context.Background(), cmplPath, `{"model":"t","stream":true,"prompt":"`+magicWorkerInvalid+`"}`)
-		defer resp.Body.Close()
-		data, _, err := newSSEReader(t, resp.Body).readAll()
-		if err != nil {
-			t.Fatal(err)
-		}
-		checkErrorChunk(t, data, "invalid_request_error", "", "top_k must be >= 0")
+		resp, body := h.do("POST", cmplPath, `{"model":"t","stream":true,"prompt":"`+magicWorkerInvalid+`"}`)
+		h.expectError(t, resp, body, apiErr{status: 400, typ: "invalid_request_error", msg: "top_k must be >= 0"})
 	})
 }

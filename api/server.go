@@ -622,13 +622,16 @@ func (s *Server) idFor(j *job, req *scheduler.Request) string {
 	return fmt.Sprintf("cmpl-%x", req.ID)
 }
 
+// Header values of an event stream, shared by every response (net/http
+// only reads them).
+var (
+	sseContentType = []string{"text/event-stream"}
+	sseNoCache     = []string{"no-cache"}
+	sseKeepAlive   = []string{"keep-alive"}
+	sseNo          = []string{"no"}
+)
+
 func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, j *job, log *slog.Logger) {
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("Connection", "keep-alive")
-	h.Set("X-Accel-Buffering", "no")
-	w.WriteHeader(200)
 	rc := http.NewResponseController(w)
 	id, created := s.idFor(j, req), time.Now().Unix()
 	enc := newChunkEncoder(j.chat, id, created, j.model)
@@ -646,10 +649,13 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		return completionResponse{ID: id, Object: "text_completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
 			Choices: []completionChoice{{Index: 0, Text: text, Logprobs: lp}}}
 	}
-	// Writes go to net/http's buffer; a flush is one write syscall. Flushes
-	// happen where a client needs the bytes: after the opening (headers and
-	// the role chunk together), whenever no event is waiting (everything
-	// already queued goes out in one write), and at the end.
+	// Writes go to net/http's buffer; a flush is one write syscall. Nothing is
+	// written before the first event (or the first keep-alive, while a request
+	// waits in the queue or in prefill): the status line, the headers, the
+	// role chunk and the first token then leave in one write, and a request
+	// that fails before its first token gets a real HTTP error status, as a
+	// non-streamed one does. After that, flushes happen whenever no event is
+	// waiting (everything already queued goes out in one write) and at the end.
 	write := func(b []byte) bool {
 		_, err := w.Write(b)
 		return err == nil
@@ -658,13 +664,14 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		s.m.ClientDisconnects.Inc()
 		s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
 	}
-	if j.chat && !write(enc.role()) {
-		gone()
-		return
-	}
-	if rc.Flush() != nil {
-		gone()
-		return
+	opened := false
+	open := func() bool {
+		opened = true
+		h := w.Header()
+		h["Content-Type"], h["Cache-Control"] = sseContentType, sseNoCache
+		h["Connection"], h["X-Accel-Buffering"] = sseKeepAlive, sseNo
+		w.WriteHeader(200)
+		return !j.chat || write(enc.role())
 	}
 	var tick <-chan time.Time // nil: no keep-alives (NewTicker panics on <= 0)
 	if s.cfg.KeepAlive > 0 {
@@ -673,6 +680,9 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		tick = ka.C
 	}
 	keepAlive := func() {
+		if !opened && !open() {
+			return // the client is gone: the request's context ends the wait
+		}
 		_, _ = io.WriteString(w, ": keep-alive\n\n")
 		_ = rc.Flush()
 	}
@@ -688,6 +698,20 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 				}
 			}
 			ev = s.wait(ctx, req, tick, keepAlive)
+		}
+		if !opened {
+			if ev.Done && ev.Err != nil {
+				log.Info("request failed", "request", req.ID, "err", ev.Err)
+				if ctx.Err() == nil || !errors.Is(ctx.Err(), context.Canceled) {
+					writeError(w, schedError(ev.Err, w))
+				}
+				return
+			}
+			if !open() {
+				gone()
+				return
+			}
+			unflushed = true
 		}
 		if ev.Text != "" || len(ev.Logprobs) > 0 {
 			var b []byte

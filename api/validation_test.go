@@ -464,14 +464,15 @@ func TestTooManyConnections(t *testing.T) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var resps []*http.Response
+	// A held stream sends nothing before its first token, so the client
+	// waits for the response in a goroutine; the worker's gen says when the
+	// request is being served.
+	resps := make(chan doResult, 2)
 	for range 2 {
-		resp, err := h.client.Do(h.newRequest(ctx, "POST", chatPath, chatJSON(`,"stream":true`)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		resps = append(resps, resp)
+		go func() {
+			resp, err := h.client.Do(h.newRequest(ctx, "POST", chatPath, chatJSON(`,"stream":true`)))
+			resps <- doResult{resp, err}
+		}()
 		<-gen
 	}
 	want := apiErr{status: 429, typ: "rate_limit_error", code: "too_many_connections", msg: "more than 2 requests are being served", retryAfter: "1"}
@@ -484,8 +485,13 @@ func TestTooManyConnections(t *testing.T) {
 		t.Errorf("/health while full: %d", resp.StatusCode)
 	}
 	close(hold)
-	for _, r := range resps {
-		data, _, err := newSSEReader(t, r.Body).readAll()
+	for range 2 {
+		r := <-resps
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		defer r.resp.Body.Close()
+		data, _, err := newSSEReader(t, r.resp.Body).readAll()
 		if err != nil || len(data) == 0 || data[len(data)-1] != "[DONE]" {
 			t.Fatalf("held stream: %v %q", err, data)
 		}
@@ -508,12 +514,13 @@ func TestSchedulerRefusals(t *testing.T) {
 			c.workers = nil // nothing dispatches: the first request waits
 		})
 		ctx, cancel := context.WithCancel(context.Background())
-		resp, err := h.client.Do(h.newRequest(ctx, "POST", chatPath, chatJSON(`,"stream":true`)))
-		if err != nil {
+		first := make(chan doResult, 1)
+		go func() { // a queued stream sends nothing yet: wait for it aside
+			resp, err := h.client.Do(h.newRequest(ctx, "POST", chatPath, chatJSON(`,"stream":true`)))
+			first <- doResult{resp, err}
+		}()
+		if err := h.eventually(5*time.Second, "the first request is queued", func() bool { return h.sched.State().QueueRequests == 1 }); err != nil {
 			t.Fatal(err)
-		}
-		if st := h.sched.State(); st.QueueRequests != 1 {
-			t.Fatalf("queue holds %d", st.QueueRequests)
 		}
 		want := apiErr{status: 429, typ: "rate_limit_error", code: "overloaded", msg: "queue is full (1 requests waiting)", retryAfter: "1"}
 		for _, c := range []struct{ path, body string }{{chatPath, chatJSON(``)}, {cmplPath, cmplJSON(`,"stream":true`)}} {
@@ -521,7 +528,9 @@ func TestSchedulerRefusals(t *testing.T) {
 			h.expectError(t, r2, body, want)
 		}
 		cancel()
-		resp.Body.Close()
+		if r := <-first; r.err == nil {
+			r.resp.Body.Close()
+		}
 		if err := h.idle(5 * time.Second); err != nil {
 			t.Fatal(err)
 		}
