@@ -308,3 +308,19 @@ func benchCPUTime(b *testing.B) time.Duration {
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// BenchmarkDecodeChat: decoding and validating a typical chat body, the
+// largest krserve-specific cost of a request on the front door.
+func BenchmarkDecodeChat(b *testing.B) {
+	body := []byte(`{"model":"default","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the capital of France?"}],"max_tokens":50,"temperature":0,"stream":true}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		var req chatRequest
+		if e := decodeJSON(body, &req); e != nil {
+			b.Fatal(e.Message)
+		}
+		if _, e := parseMessages(req.Messages); e != nil {
+			b.Fatal(e.Message)
+		}
+	}
+}

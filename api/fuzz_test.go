@@ -289,3 +289,35 @@ func TestFuzzCheckersCatch(t *testing.T) {
 		}
 	}
 }
+
+// FuzzMessageContent: a message's string content decodes to exactly what
+// encoding/json makes of the same literal (the decoder takes a shortcut for
+// strings without escapes), for any bytes, escaped or raw.
+func FuzzMessageContent(f *testing.F) {
+	for _, s := range []string{"hi", "", `a"b`, "é", "\u2028", "\xff\xfe", "tab\there", `back\slash`, "😀", "\x00"} {
+		f.Add(s, false)
+		f.Add(s, true)
+	}
+	f.Fuzz(func(t *testing.T, s string, raw bool) {
+		lit, _ := json.Marshal(s)
+		if raw { // the bytes as they are, only quotes and backslashes escaped
+			lit = []byte(`"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(s) + `"`)
+		}
+		body := append(append([]byte(`{"messages":[{"role":"user","content":`), lit...), `}]}`...)
+		var want string
+		if json.Unmarshal(lit, &want) != nil {
+			return // not a JSON string (a raw control character)
+		}
+		var req chatRequest
+		if e := decodeJSON(body, &req); e != nil {
+			t.Fatalf("%q: %v", body, e.Message)
+		}
+		texts, e := parseMessages(req.Messages)
+		if e != nil {
+			t.Fatalf("%q: %v", body, e.Message)
+		}
+		if texts[0] != want {
+			t.Fatalf("%q: got %q, want %q", body, texts[0], want)
+		}
+	})
+}

@@ -8,6 +8,7 @@ import (
 	"math"
 	"reflect"
 	"strings"
+	"unicode/utf8"
 )
 
 // chatRequest and completionRequest hold the OpenAI request fields krserve
@@ -41,7 +42,9 @@ type commonRequest struct {
 
 type chatRequest struct {
 	commonRequest
-	Messages json.RawMessage `json:"messages"`
+	// Decoded in the body's one json.Unmarshal (no second pass over the
+	// conversation); parseMessages validates it.
+	Messages []chatMessage `json:"messages"`
 }
 
 type completionRequest struct {
@@ -52,9 +55,45 @@ type completionRequest struct {
 }
 
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
-	Name    string          `json:"name"`
+	Role    string         `json:"role"`
+	Content messageContent `json:"content"`
+	Name    string         `json:"name"`
+}
+
+// messageContent is a message's content as sent: a string or a list of parts.
+// It never fails to decode; what is wrong with it is reported by
+// parseMessages, with the message's index.
+type messageContent struct {
+	set   bool // present and not null
+	bad   bool // neither a string nor an array of part objects
+	text  string
+	parts []contentPart // nil when the content is a string
+}
+
+func (c *messageContent) UnmarshalJSON(b []byte) error {
+	*c = messageContent{}
+	switch {
+	case string(b) == "null":
+	case b[0] == '"':
+		c.set = true
+		// The body was validated as a whole before decoding, so a string
+		// without escapes is its bytes, if they are valid UTF-8 (json
+		// replaces invalid bytes with U+FFFD; let it do that).
+		if inner := b[1 : len(b)-1]; bytes.IndexByte(inner, '\\') < 0 && utf8.Valid(inner) {
+			c.text = string(inner)
+		} else if err := json.Unmarshal(b, &c.text); err != nil {
+			c.bad = true
+		}
+	case b[0] == '[':
+		c.set = true
+		c.parts = []contentPart{}
+		if err := json.Unmarshal(b, &c.parts); err != nil {
+			c.bad = true
+		}
+	default:
+		c.set, c.bad = true, true
+	}
+	return nil
 }
 
 type contentPart struct {
@@ -96,6 +135,9 @@ func decodeJSON(body []byte, v any) *apiError {
 	if te != nil {
 		// Field is the Go path; the embedded struct's name is not part of the JSON.
 		param := strings.TrimPrefix(te.Field, "commonRequest.")
+		if param == "messages" || strings.HasPrefix(param, "messages.") {
+			return invalid("messages", "messages must be an array of {role, content} objects: %v", err)
+		}
 		want := jsonKind(te.Type)
 		msg := fmt.Sprintf("invalid type for %s: expected %s, got %s", param, want, te.Value)
 		if want == "a number" && strings.HasPrefix(te.Value, "number") {
@@ -170,49 +212,46 @@ func checkStops(s []string, maxStop, maxLen int) *apiError {
 	return nil
 }
 
-// parseMessages returns role/content pairs with text parts joined.
-func parseMessages(r json.RawMessage) ([]chatMessage, []string, *apiError) {
-	if isNull(r) {
-		return nil, nil, invalid("messages", "messages is required")
-	}
-	var msgs []chatMessage
-	if err := json.Unmarshal(r, &msgs); err != nil {
-		return nil, nil, invalid("messages", "messages must be an array of {role, content} objects: %v", err)
+// parseMessages validates the decoded messages and returns each one's text,
+// parts joined. (A messages value that is not an array of objects fails the
+// body's decoding: see decodeJSON.)
+func parseMessages(msgs []chatMessage) ([]string, *apiError) {
+	if msgs == nil {
+		return nil, invalid("messages", "messages is required")
 	}
 	if len(msgs) == 0 {
-		return nil, nil, invalid("messages", "messages must not be empty")
+		return nil, invalid("messages", "messages must not be empty")
 	}
 	texts := make([]string, len(msgs))
 	for i, m := range msgs {
 		switch m.Role {
 		case "system", "user", "assistant", "developer":
 		case "":
-			return nil, nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d] has no role", i)
+			return nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d] has no role", i)
 		default:
-			return nil, nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d].role %q is not supported (use system, user or assistant)", i, m.Role)
+			return nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d].role %q is not supported (use system, user or assistant)", i, m.Role)
 		}
-		if isNull(m.Content) {
-			return nil, nil, invalid(fmt.Sprintf("messages[%d].content", i), "messages[%d] has no content", i)
+		c := &m.Content
+		if !c.set {
+			return nil, invalid(fmt.Sprintf("messages[%d].content", i), "messages[%d] has no content", i)
 		}
-		var s string
-		if err := json.Unmarshal(m.Content, &s); err == nil {
-			texts[i] = s
+		if c.bad {
+			return nil, invalid(fmt.Sprintf("messages[%d].content", i), "messages[%d].content must be a string or an array of text parts", i)
+		}
+		if c.parts == nil {
+			texts[i] = c.text
 			continue
 		}
-		var parts []contentPart
-		if err := json.Unmarshal(m.Content, &parts); err != nil {
-			return nil, nil, invalid(fmt.Sprintf("messages[%d].content", i), "messages[%d].content must be a string or an array of text parts", i)
-		}
 		var b strings.Builder
-		for j, p := range parts {
+		for j, p := range c.parts {
 			if p.Type != "text" {
-				return nil, nil, invalid(fmt.Sprintf("messages[%d].content[%d].type", i, j), "content part type %q is not supported; only text", p.Type)
+				return nil, invalid(fmt.Sprintf("messages[%d].content[%d].type", i, j), "content part type %q is not supported; only text", p.Type)
 			}
 			b.WriteString(p.Text)
 		}
 		texts[i] = b.String()
 	}
-	return msgs, texts, nil
+	return texts, nil
 }
 
 // parsePrompt accepts a string, a one-element array of strings, or an array of

@@ -226,7 +226,8 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, e)
 		return
 	}
-	msgs, texts, e := parseMessages(req.Messages)
+	msgs := req.Messages
+	texts, e := parseMessages(msgs)
 	if e != nil {
 		s.refuse(w, r, e)
 		return
