@@ -23,7 +23,10 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     # Two workers: the resumed request can move to the survivor at once.
-    s = Server(model_dir, "--workers", "2", "--heartbeat", "200ms")
+    # --max-crashes 3: test_many_requests_survive_repeated_kills kills both
+    # workers in turn, so a request can be in flight during two crashes
+    # (with the default of 2 it would fail, by design).
+    s = Server(model_dir, "--workers", "2", "--heartbeat", "200ms", "--max-crashes", "3")
     yield s
     assert s.stop() == 0, s.log()
 
@@ -43,10 +46,10 @@ def stream_chunks(url, b):
             yield json.loads(line[6:])
 
 
-def worker_of_running_request(server):
+def worker_of_running_request(server, exclude=()):
     _, st = server.get("/stats")
     for w in st["workers"]:
-        if w["requests_in_flight"] > 0:
+        if w["requests_in_flight"] > 0 and w["pid"] not in exclude:
             return w["pid"]
     return None
 
@@ -102,12 +105,16 @@ def test_many_requests_survive_repeated_kills(server):
         ref = list(ex.map(lambda p: server.post("/v1/completions", body(p, 60, False))[1]["choices"][0]["text"], prompts))
     with cf.ThreadPoolExecutor(16) as ex:
         futs = [ex.submit(server.post, "/v1/completions", body(p, 60, i % 2 == 0 and False)) for i, p in enumerate(prompts)]
+        killed = set()
         for _ in range(2):
             deadline = time.monotonic() + 30
             pid = None
             while pid is None and time.monotonic() < deadline:
-                pid = worker_of_running_request(server)
+                # /stats may still list a killed worker until its exit is
+                # handled: never pick the same process twice.
+                pid = worker_of_running_request(server, exclude=killed)
             if pid:
+                killed.add(pid)
                 os.kill(pid, signal.SIGKILL)
                 server.wait_ready(120)
         got = [f.result(180) for f in futs]
