@@ -1,6 +1,9 @@
 package main
 
 import (
+	"context"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -73,5 +76,36 @@ func TestWorkerEnvIsBuiltNotInherited(t *testing.T) {
 		if !slices.Contains(env, good) {
 			t.Errorf("%s missing from the worker environment %v", good, env)
 		}
+	}
+}
+
+// TestUpRefusesBadSettings: impossible settings stop `krserve up` before any
+// worker starts, with an error naming the flag.
+func TestUpRefusesBadSettings(t *testing.T) {
+	model := t.TempDir()
+	if err := os.WriteFile(filepath.Join(model, "config.json"), []byte("{}"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--workers", "0"}, "--workers"},
+		{[]string{"--batch-size", "0"}, "--batch-size"},
+		{[]string{"--prefill-step", "0"}, "--prefill-step"},
+		{[]string{"--prefill-batch", "-1"}, "--prefill-batch"},
+		{[]string{"--auto-tune", "--auto-tune-min", "8", "--auto-tune-max", "4"}, "auto-tune bounds"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var c upConfig
+			cmd := newUpCmdFor(&c)
+			if err := cmd.Flags().Parse(append([]string{"--model", model, "--log-level", "error"}, tc.args...)); err != nil {
+				t.Fatal(err)
+			}
+			err := runUp(context.Background(), c)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error naming %s", err, tc.want)
+			}
+		})
 	}
 }
