@@ -226,8 +226,7 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, e)
 		return
 	}
-	msgs := req.Messages
-	texts, e := parseMessages(msgs)
+	texts, e := parseMessages(req.Messages)
 	if e != nil {
 		s.refuse(w, r, e)
 		return
@@ -242,7 +241,7 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 	}
 	j.chat = true
 	tm := &ipc.Message{}
-	for i, m := range msgs {
+	for i, m := range req.Messages {
 		tm.Messages = append(tm.Messages, ipc.ChatMessage{Role: m.Role, Content: texts[i]})
 	}
 	s.run(w, r, j, tm, nil)
@@ -594,11 +593,7 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 			continue
 		}
 		if ev.Err != nil {
-			log.Info("request failed", "request", req.ID, "err", ev.Err)
-			if ctx.Err() != nil && errors.Is(ctx.Err(), context.Canceled) {
-				return
-			}
-			writeError(w, schedError(ev.Err, w))
+			s.failed(ctx, w, req, ev.Err, log)
 			return
 		}
 		log.Debug("request done", "request", req.ID, "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens)
@@ -614,6 +609,17 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 		}
 		return
 	}
+}
+
+// failed answers a request that failed before anything of its response was
+// written: an HTTP error status with an OpenAI error body, unless the client
+// is gone.
+func (s *Server) failed(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, err error, log *slog.Logger) {
+	log.Info("request failed", "request", req.ID, "err", err)
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return
+	}
+	writeError(w, schedError(err, w))
 }
 
 func (s *Server) idFor(j *job, req *scheduler.Request) string {
@@ -702,10 +708,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		}
 		if !opened {
 			if ev.Done && ev.Err != nil {
-				log.Info("request failed", "request", req.ID, "err", ev.Err)
-				if ctx.Err() == nil || !errors.Is(ctx.Err(), context.Canceled) {
-					writeError(w, schedError(ev.Err, w))
-				}
+				s.failed(ctx, w, req, ev.Err, log)
 				return
 			}
 			if !open() {
