@@ -11,6 +11,9 @@
 #
 #   scripts/bench/supervisor_cost.sh [REQUESTS] [ROUNDS]     (make bench-supervisor)
 #
+# TOKENS and CLIENTS (space-separated lists, default "1 16 128" and "1 16")
+# pick the rows, e.g. TOKENS=1 CLIENTS=16 for the headline row alone.
+#
 # Prints a markdown table: CPU µs per request of each server, the difference
 # (krserve's own work) and krserve's requests/s, per max_tokens and concurrency.
 set -euo pipefail
@@ -46,12 +49,12 @@ run() { # url conc tokens -> "cpu_us req_per_s"
 
 echo "| max_tokens | clients | krserve CPU/request | net/http floor | krserve's own | krserve requests/s |"
 echo "|---|---|---|---|---|---|"
-for toks in 1 16 128; do
+for toks in ${TOKENS:-1 16 128}; do
   bin/replayserver --record "http://127.0.0.1:$PORT_K" --addr "127.0.0.1:$PORT_R" --max-tokens "$toks" 2>/dev/null &
   rp=$!
   pids+=($rp)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT_R/metrics" >/dev/null && break; sleep 0.1; done
-  for conc in 1 16; do
+  for conc in ${CLIENTS:-1 16}; do
     ks=() fs=() rs=()
     for _ in $(seq "$ROUNDS"); do # alternate, so both see the same machine
       read -r k r < <(run "http://127.0.0.1:$PORT_K" "$conc" "$toks")
