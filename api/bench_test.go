@@ -2,10 +2,10 @@ package api
 
 // BenchmarkFrontDoor: the supervisor's CPU per request with a worker that
 // answers instantly. The real Server and scheduler serve chat requests from an
-// in-process HTTP client (keep-alive); the fake pool and worker do their IPC
-// through the ipc codec as the real pool and reader do (tokenize frame out,
-// tokens frame in; gen frame out, tok and done frames in, each decoded from
-// its bytes), so only the pipes and the worker's own work are missing.
+// in-process HTTP client (keep-alive); the fake worker does its IPC through
+// the ipc codec as the real process and reader do (gen frame out, carrying
+// the chat messages; tok and done frames in, each decoded from its bytes), so
+// only the pipes and the worker's own work (tokenizing too) are missing.
 //
 // cpu-µs/req is the whole process's CPU (getrusage: every goroutine, GC, the
 // client and the fake worker included) per request. server=trivial replays the
@@ -40,38 +40,15 @@ import (
 
 const benchPromptTokens = 64
 
-// benchPool tokenizes as the real pool does on the supervisor's side: it
-// encodes the tokenize frame and decodes the worker's tokens frame.
-type benchPool struct {
-	hello  *supervisor.Hello
-	tokens []byte // encoded tokens frame body
-}
+// benchPool is a pool whose workers are all up.
+type benchPool struct{ hello *supervisor.Hello }
 
 func newBenchPool() *benchPool {
-	ids := make([]int32, benchPromptTokens)
-	for i := range ids {
-		ids[i] = int32(100 + i*37)
-	}
-	body, err := ipc.Encode(&ipc.Message{T: ipc.TTokens, ID: 1, IDs: ids})
-	if err != nil {
-		panic(err)
-	}
-	return &benchPool{hello: &supervisor.Hello{Model: "/m/bench", Context: 8192, Vocab: 49152, EOS: []int32{2}}, tokens: body}
+	return &benchPool{hello: &supervisor.Hello{Model: "/m/bench", Context: 8192, Vocab: 49152, EOS: []int32{2}}}
 }
 
 func (p *benchPool) Hello() *supervisor.Hello { return p.hello }
-
-func (p *benchPool) Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error) {
-	m.T, m.ID = ipc.TTokenize, 1
-	if _, err := ipc.AppendMessage(nil, m); err != nil {
-		return nil, err
-	}
-	var r ipc.Message
-	if err := ipc.Decode(p.tokens, &r); err != nil {
-		return nil, err
-	}
-	return r.IDs, nil
-}
+func (p *benchPool) CanServe() bool           { return true }
 
 type benchOps struct{}
 
@@ -119,7 +96,7 @@ func (w *benchWorker) run(ctx context.Context) {
 					return err
 				}
 			}
-			done := &ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "length", PToks: len(m.Prompt), CToks: w.toks}
+			done := &ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "length", PToks: benchPromptTokens, CToks: w.toks}
 			if stream, err = ipc.AppendMessage(stream, done); err != nil {
 				return err
 			}

@@ -32,7 +32,7 @@ var fuzzStatuses = map[int]bool{200: true, 400: true, 404: true, 413: true, 504:
 func fuzzHarness(f *testing.F) *harness {
 	return newHarness(f, func(c *harnessConfig) {
 		c.api.MaxBodyBytes = 1 << 16
-		// Bounds the cost of an input that blocks (magicTokenizeBlock).
+		// Bounds the cost of an input that blocks (magicWorkerSilent).
 		c.api.DefaultTimeout, c.api.MaxTimeout = time.Second, time.Second
 	})
 }
@@ -194,7 +194,7 @@ func fuzzOracle(path string, body []byte, status int, ct string, out []byte) err
 		}
 	}
 	// Nothing here can take a second: only a short timeout may time out.
-	if isObj && !bytes.Contains(body, []byte(magicTokenizeBlock)) {
+	if isObj && !bytes.Contains(body, []byte(magicWorkerSilent)) {
 		timedOut := status == 504 || (status == 200 && bytes.Contains(out, []byte(`"code":"timeout"`)))
 		to, present, ok := field("timeout")
 		short := present && (!ok || func() bool {

@@ -30,20 +30,18 @@ import (
 
 // Magic prompt texts the fakes react to.
 const (
-	magicTokenizeInvalid = "tokenize-invalid" // pool: TokenizeError{Code: "invalid"}
-	magicTokenizeNoWork  = "tokenize-noworker"
-	magicTokenizeBlock   = "tokenize-block" // pool: blocks until ctx ends
-	magicTokenizeFail    = "tokenize-fail"  // pool: a plain error
-	magicWorkerInvalid   = "worker-invalid" // worker: error frame, code invalid
+	magicTemplateInvalid = "template-invalid" // worker: error frame, code invalid_prompt, as for a chat template's refusal
+	magicWorkerSilent    = "worker-silent"    // worker: takes the request and never answers until cancelled
+	magicWorkerInvalid   = "worker-invalid"   // worker: error frame, code invalid
 	magicWorkerInternal  = "worker-internal"
 )
 
 // ---------------------------------------------------------------- fake pool
 
 type fakePool struct {
-	mu    sync.Mutex
-	hello *supervisor.Hello
-	calls int
+	mu      sync.Mutex
+	hello   *supervisor.Hello
+	noServe bool // CanServe is false: every worker has failed
 }
 
 func tinyHello() *supervisor.Hello {
@@ -56,42 +54,37 @@ func (p *fakePool) Hello() *supervisor.Hello {
 	return p.hello
 }
 
+func (p *fakePool) CanServe() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.noServe
+}
+
 func (p *fakePool) setHello(h *supervisor.Hello) {
 	p.mu.Lock()
 	p.hello = h
 	p.mu.Unlock()
 }
 
-// Tokenize is deterministic: a completion prompt is its bytes; a chat is, per
-// message, a marker token (1) followed by the bytes of its content.
-func (p *fakePool) Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error) {
+func (p *fakePool) setNoServe(v bool) {
 	p.mu.Lock()
-	p.calls++
+	p.noServe = v
 	p.mu.Unlock()
-	var all strings.Builder
+}
+
+// fakeTokenize is the fake worker's tokenizer, deterministic: a completion
+// prompt is its bytes; a chat is, per message, a marker token (1) followed by
+// the bytes of its content.
+func fakeTokenize(m *ipc.Message) []int32 {
+	if m.Messages == nil {
+		return appendBytes(nil, m.Text)
+	}
 	var ids []int32
-	if m.Messages != nil {
-		for _, cm := range m.Messages {
-			ids = append(ids, 1)
-			ids = appendBytes(ids, cm.Content)
-			all.WriteString(cm.Content)
-		}
-	} else {
-		ids = appendBytes(ids, m.Text)
-		all.WriteString(m.Text)
+	for _, cm := range m.Messages {
+		ids = append(ids, 1)
+		ids = appendBytes(ids, cm.Content)
 	}
-	switch s := all.String(); {
-	case strings.Contains(s, magicTokenizeInvalid):
-		return nil, &supervisor.TokenizeError{Code: "invalid", Msg: "chat template refused the messages"}
-	case strings.Contains(s, magicTokenizeNoWork):
-		return nil, supervisor.ErrNoWorker
-	case strings.Contains(s, magicTokenizeFail):
-		return nil, errors.New("pipe burst")
-	case strings.Contains(s, magicTokenizeBlock):
-		<-ctx.Done()
-		return nil, ctx.Err()
-	}
-	return ids, nil
+	return ids
 }
 
 func appendBytes(ids []int32, s string) []int32 {
@@ -125,12 +118,14 @@ type workerConfig struct {
 	pace       time.Duration // >0: one token per request per pace
 	hold       chan struct{} // non-nil: no token at all until it is closed
 	onGen      func(m *ipc.Message)
+	ctx        int // the model's context, checked as krserve_worker does (the harness sets it from its hello)
 }
 
 type genState struct {
 	m       ipc.Message
 	next    int // index of the next token (counts resumed tokens)
 	emitted int // tokens emitted by this dispatch
+	silent  bool
 }
 
 type fakeWorker struct {
@@ -263,7 +258,7 @@ func (w *fakeWorker) loop() {
 		}
 		w.mu.Lock()
 		for _, st := range w.active {
-			if w.cfg.stallAfter == 0 || st.emitted < w.cfg.stallAfter {
+			if !st.silent && (w.cfg.stallAfter == 0 || st.emitted < w.cfg.stallAfter) {
 				canEmit = true
 			}
 		}
@@ -297,9 +292,22 @@ func (w *fakeWorker) handle(frames []byte) {
 			if w.active[m.ID] != nil {
 				w.errs = append(w.errs, fmt.Errorf("worker %d: gen for active request %d", w.id, m.ID))
 			}
-			prompt := promptText(m.Prompt)
+			if m.Prompt == nil {
+				m.Prompt = fakeTokenize(&m)
+			}
+			prompt, n := promptText(m.Prompt), len(m.Prompt)+len(m.Resume)
+			if w.cfg.ctx > 0 {
+				m.MaxTokens = min(m.MaxTokens, w.cfg.ctx-n)
+			}
 			var errFrame *ipc.Message
 			switch {
+			case len(m.Prompt) == 0:
+				errFrame = &ipc.Message{T: ipc.TError, ID: m.ID, Code: scheduler.CodeInvalidPrompt, Msg: "the prompt is empty after tokenization"}
+			case w.cfg.ctx > 0 && n >= w.cfg.ctx:
+				errFrame = &ipc.Message{T: ipc.TError, ID: m.ID, Code: scheduler.CodeContextLength,
+					Msg: fmt.Sprintf("This model's maximum context length is %d tokens. However, your prompt has %d tokens.", w.cfg.ctx, n)}
+			case strings.Contains(prompt, magicTemplateInvalid):
+				errFrame = &ipc.Message{T: ipc.TError, ID: m.ID, Code: scheduler.CodeInvalidPrompt, Msg: "chat template refused the messages"}
 			case strings.Contains(prompt, magicWorkerInvalid):
 				errFrame = &ipc.Message{T: ipc.TError, ID: m.ID, Code: "invalid", Msg: "top_k must be >= 0"}
 			case strings.Contains(prompt, magicWorkerInternal):
@@ -307,7 +315,7 @@ func (w *fakeWorker) handle(frames []byte) {
 			case m.MaxTokens < 1:
 				w.errs = append(w.errs, fmt.Errorf("worker %d: gen %d with max_tokens %d", w.id, m.ID, m.MaxTokens))
 			default:
-				w.active[m.ID] = &genState{m: m, next: len(m.Resume)}
+				w.active[m.ID] = &genState{m: m, next: len(m.Resume), silent: strings.Contains(prompt, magicWorkerSilent)}
 			}
 			w.mu.Unlock()
 			if errFrame != nil {
@@ -320,7 +328,7 @@ func (w *fakeWorker) handle(frames []byte) {
 			delete(w.active, m.ID)
 			w.mu.Unlock()
 			if st != nil {
-				w.deliver(&ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "cancelled", PToks: len(st.m.Prompt), CToks: st.next - len(st.m.Resume)})
+				w.deliver(&ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "cancelled", PToks: len(st.m.Prompt) + len(st.m.Resume), CToks: st.next - len(st.m.Resume)})
 			}
 		default:
 			w.fail(fmt.Errorf("worker %d: unexpected %q frame", w.id, m.T))
@@ -367,7 +375,7 @@ func (w *fakeWorker) emit() bool {
 	for _, id := range ids {
 		w.mu.Lock()
 		st := w.active[id]
-		if st == nil || (w.cfg.stallAfter > 0 && st.emitted >= w.cfg.stallAfter) {
+		if st == nil || st.silent || (w.cfg.stallAfter > 0 && st.emitted >= w.cfg.stallAfter) {
 			w.mu.Unlock()
 			continue
 		}
@@ -392,7 +400,7 @@ func (w *fakeWorker) emit() bool {
 		}
 		w.deliver(tok)
 		if finish != "" {
-			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt), CToks: st.next - len(st.m.Resume)})
+			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt) + len(st.m.Resume), CToks: st.next - len(st.m.Resume)})
 		}
 		if crash {
 			w.mu.Lock()
@@ -459,6 +467,9 @@ func newHarness(t testing.TB, opts ...func(*harnessConfig)) *harness {
 		_ = h.sched.Run(ctx)
 	}()
 	for i, wc := range hc.workers {
+		if hc.hello != nil {
+			wc.ctx = hc.hello.Context
+		}
 		w := newFakeWorker(i, wc, h.sched)
 		h.workers = append(h.workers, w)
 		h.sched.AddWorker(i, w)
@@ -494,6 +505,9 @@ func newHarness(t testing.TB, opts ...func(*harnessConfig)) *harness {
 // addWorker registers one more fake worker.
 func (h *harness) addWorker(wc workerConfig) *fakeWorker {
 	id := len(h.workers)
+	if h.cfg.hello != nil {
+		wc.ctx = h.cfg.hello.Context
+	}
 	w := newFakeWorker(id, wc, h.sched)
 	h.workers = append(h.workers, w)
 	h.sched.AddWorker(id, w)

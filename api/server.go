@@ -64,8 +64,8 @@ type Scheduler interface {
 
 // Pool is what the front door needs from the worker pool.
 type Pool interface {
-	Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error)
 	Hello() *supervisor.Hello
+	CanServe() bool
 }
 
 // Ops answers /ready and /stats.
@@ -217,7 +217,6 @@ type job struct {
 	includeUsage bool
 	params       scheduler.Params
 	timeout      time.Duration
-	prompt       []int32
 }
 
 func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
@@ -240,11 +239,11 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j.chat = true
-	tm := &ipc.Message{}
+	in := &scheduler.Input{Messages: make([]ipc.ChatMessage, len(req.Messages))}
 	for i, m := range req.Messages {
-		tm.Messages = append(tm.Messages, ipc.ChatMessage{Role: m.Role, Content: texts[i]})
+		in.Messages[i] = ipc.ChatMessage{Role: m.Role, Content: texts[i]}
 	}
-	s.run(w, r, j, tm, nil)
+	s.run(w, r, j, in, nil)
 }
 
 func (s *Server) completion(w http.ResponseWriter, r *http.Request) {
@@ -274,11 +273,11 @@ func (s *Server) completion(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, e)
 		return
 	}
-	var tm *ipc.Message
+	var in *scheduler.Input
 	if ids == nil {
-		tm = &ipc.Message{Text: text, Special: true}
+		in = &scheduler.Input{Text: text, Special: true}
 	}
-	s.run(w, r, j, tm, ids)
+	s.run(w, r, j, in, ids)
 }
 
 // common validates the fields shared by both endpoints.
@@ -437,8 +436,10 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, e *apiError) {
 	writeError(w, e)
 }
 
-// run tokenizes (unless ids are given), admits and serves a job.
-func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, tm *ipc.Message, ids []int32) {
+// run admits and serves a job whose prompt is token ids, or an Input that
+// the worker tokenizes (and checks against the context) when it takes the
+// request.
+func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, in *scheduler.Input, ids []int32) {
 	ctx, cancel := context.WithTimeout(r.Context(), j.timeout)
 	defer cancel()
 	hello := s.pool.Hello()
@@ -447,51 +448,34 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, tm *ipc.Mes
 		s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "not_ready", Message: "no worker has loaded the model yet; retry shortly"})
 		return
 	}
-	if tm != nil {
-		var err error
-		ids, err = s.pool.Tokenize(ctx, tm)
-		if err != nil {
-			var te *supervisor.TokenizeError
-			switch {
-			case errors.As(err, &te) && te.Code == "invalid":
-				s.refuse(w, r, invalid("messages", "%s", te.Msg))
-			case errors.Is(err, supervisor.ErrNoWorker):
-				w.Header().Set("Retry-After", "1")
-				s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "no_worker", Message: "no worker is available right now; retry shortly"})
-			case errors.Is(ctx.Err(), context.DeadlineExceeded):
-				s.refuse(w, r, &apiError{Status: 504, Type: "timeout_error", Code: "timeout", Message: "request timed out while tokenizing the prompt"})
-			case ctx.Err() != nil:
-				return // client gone while tokenizing
-			default:
-				s.refuse(w, r, &apiError{Status: 500, Type: "server_error", Message: "tokenizing the prompt failed: " + err.Error()})
-			}
-			return
-		}
-	}
-	if len(ids) == 0 {
-		s.refuse(w, r, invalid("prompt", "the prompt is empty after tokenization"))
+	if !s.pool.CanServe() {
+		w.Header().Set("Retry-After", "1")
+		s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "no_worker", Message: "no worker is available right now (every worker keeps failing); retry shortly"})
 		return
 	}
-	for i, t := range ids {
-		if hello.Vocab > 0 && int(t) >= hello.Vocab {
-			s.refuse(w, r, invalid("prompt", "prompt[%d] = %d is not a token id of this model (vocabulary size %d)", i, t, hello.Vocab))
+	var req *scheduler.Request
+	if in != nil {
+		req = scheduler.NewInputRequest(s.ids(), *in, j.params)
+	} else {
+		if len(ids) == 0 {
+			s.refuse(w, r, invalid("prompt", "the prompt is empty"))
 			return
 		}
-	}
-	if hello.Context > 0 {
-		if len(ids) >= hello.Context {
-			param := "messages"
-			if !j.chat {
-				param = "prompt"
+		for i, t := range ids {
+			if hello.Vocab > 0 && int(t) >= hello.Vocab {
+				s.refuse(w, r, invalid("prompt", "prompt[%d] = %d is not a token id of this model (vocabulary size %d)", i, t, hello.Vocab))
+				return
 			}
-			s.refuse(w, r, &apiError{Status: 400, Type: "invalid_request_error", Code: "context_length_exceeded", Param: param,
-				Message: fmt.Sprintf("This model's maximum context length is %d tokens. However, your prompt has %d tokens.", hello.Context, len(ids))})
-			return
 		}
-		j.params.MaxTokens = min(j.params.MaxTokens, hello.Context-len(ids))
+		if hello.Context > 0 {
+			if len(ids) >= hello.Context {
+				s.refuse(w, r, contextError(j, hello.Context, len(ids)))
+				return
+			}
+			j.params.MaxTokens = min(j.params.MaxTokens, hello.Context-len(ids))
+		}
+		req = scheduler.NewRequest(s.ids(), ids, j.params)
 	}
-	j.prompt = ids
-	req := scheduler.NewRequest(s.ids(), ids, j.params)
 	if dl, ok := ctx.Deadline(); ok {
 		req.Deadline = dl
 	}
@@ -500,16 +484,34 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, tm *ipc.Mes
 		return
 	}
 	log := s.log // each line names the request (log.With would cost an allocation per request)
-	if s.cfg.LogPrompts {
-		log.Debug("request admitted", "request", req.ID, "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream, "prompt", tm)
-	} else {
-		log.Debug("request admitted", "request", req.ID, "prompt_tokens", len(ids), "max_tokens", j.params.MaxTokens, "stream", j.stream)
+	switch {
+	case s.cfg.LogPrompts && in != nil:
+		log.Debug("request admitted", "request", req.ID, "max_tokens", j.params.MaxTokens, "stream", j.stream, "text", in.Text, "messages", in.Messages)
+	case s.cfg.LogPrompts:
+		log.Debug("request admitted", "request", req.ID, "max_tokens", j.params.MaxTokens, "stream", j.stream, "prompt", ids)
+	default:
+		log.Debug("request admitted", "request", req.ID, "max_tokens", j.params.MaxTokens, "stream", j.stream)
 	}
 	if j.stream {
 		s.serveStream(ctx, w, req, j, log)
 	} else {
 		s.serveJSON(ctx, w, req, j, log)
 	}
+}
+
+// contextError is OpenAI's answer to a prompt that leaves no room in the
+// model's context.
+func contextError(j *job, context, prompt int) *apiError {
+	return &apiError{Status: 400, Type: "invalid_request_error", Code: scheduler.CodeContextLength, Param: promptParam(j),
+		Message: fmt.Sprintf("This model's maximum context length is %d tokens. However, your prompt has %d tokens.", context, prompt)}
+}
+
+// promptParam names the request field that holds j's prompt.
+func promptParam(j *job) string {
+	if j.chat {
+		return "messages"
+	}
+	return "prompt"
 }
 
 // schedError maps a scheduler refusal or failure to an HTTP error.
@@ -527,7 +529,7 @@ func schedError(err error, w http.ResponseWriter) *apiError {
 	case scheduler.ReasonDraining:
 		return &apiError{Status: 503, Type: "server_error", Code: "draining", Message: se.Msg}
 	case scheduler.ReasonInvalid:
-		return &apiError{Status: 400, Type: "invalid_request_error", Message: se.Msg}
+		return &apiError{Status: 400, Type: "invalid_request_error", Code: se.Code, Message: se.Msg}
 	case scheduler.ReasonTimeout:
 		return &apiError{Status: 504, Type: "timeout_error", Code: "timeout", Message: se.Msg}
 	case scheduler.ReasonWorkerCrash:
@@ -593,11 +595,11 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 			continue
 		}
 		if ev.Err != nil {
-			s.failed(ctx, w, req, ev.Err, log)
+			s.failed(ctx, w, j, req, ev.Err, log)
 			return
 		}
 		log.Debug("request done", "request", req.ID, "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens)
-		u := &usage{PromptTokens: len(j.prompt), CompletionTokens: ev.CompletionTokens, TotalTokens: len(j.prompt) + ev.CompletionTokens}
+		u := &usage{PromptTokens: ev.PromptTokens, CompletionTokens: ev.CompletionTokens, TotalTokens: ev.PromptTokens + ev.CompletionTokens}
 		id, created, reason := s.idFor(j, req), time.Now().Unix(), ev.FinishReason
 		out := text.String()
 		if j.chat {
@@ -614,12 +616,19 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 // failed answers a request that failed before anything of its response was
 // written: an HTTP error status with an OpenAI error body, unless the client
 // is gone.
-func (s *Server) failed(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, err error, log *slog.Logger) {
+func (s *Server) failed(ctx context.Context, w http.ResponseWriter, j *job, req *scheduler.Request, err error, log *slog.Logger) {
 	log.Info("request failed", "request", req.ID, "err", err)
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return
 	}
-	writeError(w, schedError(err, w))
+	e := schedError(err, w)
+	switch e.Code { // the worker refused the prompt it tokenized
+	case scheduler.CodeContextLength:
+		e.Param = promptParam(j)
+	case scheduler.CodeInvalidPrompt:
+		e.Code, e.Param = "", promptParam(j)
+	}
+	writeError(w, e)
 }
 
 func (s *Server) idFor(j *job, req *scheduler.Request) string {
@@ -708,7 +717,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		}
 		if !opened {
 			if ev.Done && ev.Err != nil {
-				s.failed(ctx, w, req, ev.Err, log)
+				s.failed(ctx, w, j, req, ev.Err, log)
 				return
 			}
 			if !open() {
@@ -747,7 +756,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		reason := ev.FinishReason
 		write(enc.finish(reason))
 		if j.includeUsage {
-			write(enc.usage(len(j.prompt), ev.CompletionTokens))
+			write(enc.usage(ev.PromptTokens, ev.CompletionTokens))
 		}
 		// No flush: returning ends the response, and net/http writes what is
 		// buffered together with the chunked terminator in one write.

@@ -146,7 +146,7 @@ func TestInvalidRequests(t *testing.T) {
 		{"image part", chatPath, `{"model":"t","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"http://x/y.png"}}]}]}`,
 			badRequest("messages[0].content[1].type", `content part type "image_url" is not supported`)},
 		{"part without type", chatPath, `{"model":"t","messages":[{"role":"user","content":[{"text":"hi"}]}]}`, badRequest("messages[0].content[0].type", `content part type "" is not supported`)},
-		{"template refuses", chatPath, `{"model":"t","messages":[{"role":"user","content":"` + magicTokenizeInvalid + `"}]}`, badRequest("messages", "chat template refused the messages")},
+		{"template refuses", chatPath, `{"model":"t","messages":[{"role":"user","content":"` + magicTemplateInvalid + `"}]}`, badRequest("messages", "chat template refused the messages")},
 
 		// Prompt.
 		{"missing prompt", cmplPath, `{"model":"t"}`, badRequest("prompt", "prompt is required")},
@@ -225,12 +225,8 @@ func TestInvalidRequests(t *testing.T) {
 		{"timeout 0", chatPath, chatJSON(`,"timeout":0`), badRequest("timeout", "timeout must be a positive number of seconds")},
 		{"timeout negative", cmplPath, cmplJSON(`,"timeout":-1`), badRequest("timeout", "timeout must be a positive number of seconds")},
 
-		// Tokenizer failures.
-		{"no worker to tokenize", cmplPath, `{"model":"t","prompt":"` + magicTokenizeNoWork + `"}`,
-			apiErr{status: 503, typ: "server_error", code: "no_worker", msg: "no worker is available", retryAfter: "1"}},
-		{"tokenizer broke", cmplPath, `{"model":"t","prompt":"` + magicTokenizeFail + `"}`,
-			apiErr{status: 500, typ: "server_error", msg: "tokenizing the prompt failed: pipe burst"}},
-		{"tokenizer timed out", cmplPath, `{"model":"t","timeout":0.01,"prompt":"` + magicTokenizeBlock + `"}`,
+		// A worker that never answers.
+		{"worker silent", cmplPath, `{"model":"t","timeout":0.01,"prompt":"` + magicWorkerSilent + `"}`,
 			apiErr{status: 504, typ: "timeout_error", code: "timeout", msg: "timed out"}},
 
 		// Worker refusals after admission (non-streamed: a plain error).
@@ -453,6 +449,23 @@ func TestNotReady(t *testing.T) {
 	h.expectError(t, resp, body, apiErr{status: 404, typ: "invalid_request_error", code: "model_not_found", param: "model", msg: "not served here"})
 }
 
+// TestNoWorker: with every worker given up, a request is refused at once
+// (503, Retry-After) instead of waiting in the queue for its timeout; it is
+// served again once a worker may serve.
+func TestNoWorker(t *testing.T) {
+	h := newHarness(t)
+	h.pool.setNoServe(true)
+	want := apiErr{status: 503, typ: "server_error", code: "no_worker", msg: "no worker is available right now", retryAfter: "1"}
+	for _, c := range []struct{ path, body string }{{chatPath, chatJSON(``)}, {cmplPath, cmplJSON(``)}, {cmplPath, `{"model":"t","prompt":[5,6]}`}} {
+		resp, body := h.do("POST", c.path, c.body)
+		h.expectError(t, resp, body, want)
+	}
+	h.pool.setNoServe(false)
+	if resp, body := h.do("POST", chatPath, chatJSON(``)); resp.StatusCode != 200 {
+		t.Fatalf("after a worker is back: %d %s", resp.StatusCode, body)
+	}
+}
+
 // TestTooManyConnections: the (MaxConcurrent+1)th request in flight is refused
 // with 429 and Retry-After, and a slot frees when a request ends.
 func TestTooManyConnections(t *testing.T) {
@@ -576,8 +589,8 @@ func TestParamsReachWorker(t *testing.T) {
 			if m.MaxTokens != 16 || m.Temperature != 1 || m.TopP != 0 || m.TopK != 0 || m.MinP != 0 || m.HasSeed || m.LogitBias != nil || m.Stop != nil || m.RepetitionPenalty != 0 {
 				return "defaults wrong"
 			}
-			if fmt.Sprint(m.Prompt) != "[104 105]" {
-				return "prompt " + fmt.Sprint(m.Prompt)
+			if m.Prompt != nil || m.Text != "hi" || !m.Special || m.Messages != nil {
+				return fmt.Sprintf("prompt %v, text %q, special %v, messages %v", m.Prompt, m.Text, m.Special, m.Messages)
 			}
 			return ""
 		}},
@@ -586,8 +599,8 @@ func TestParamsReachWorker(t *testing.T) {
 				m.PresencePenalty != 0.5 || m.FrequencyPenalty != -0.5 || m.RepetitionPenalty != 1.1 || fmt.Sprint(m.LogitBias) != "map[5:-1.5]" || fmt.Sprintf("%q", m.Stop) != `["\n"]` {
 				return fmt.Sprintf("%+v", m)
 			}
-			if fmt.Sprint(m.Prompt) != "[1 104 105]" {
-				return "prompt " + fmt.Sprint(m.Prompt)
+			if m.Prompt != nil || m.Text != "" || m.Special || fmt.Sprint(m.Messages) != "[{user hi}]" {
+				return fmt.Sprintf("prompt %v, text %q, special %v, messages %v", m.Prompt, m.Text, m.Special, m.Messages)
 			}
 			return ""
 		}},
@@ -603,8 +616,16 @@ func TestParamsReachWorker(t *testing.T) {
 			}
 			return ""
 		}},
-		{"max_tokens clipped to the context", cmplPath, `{"model":"t","prompt":"` + strings.Repeat("a", 60) + `","max_tokens":500}`, func(m ipc.Message) string {
+		// Token ids are checked against the context here; a text prompt by
+		// the worker, once tokenized.
+		{"max_tokens clipped to the context", cmplPath, `{"model":"t","prompt":[` + strings.TrimSuffix(strings.Repeat("7,", 60), ",") + `],"max_tokens":500}`, func(m ipc.Message) string {
 			if m.MaxTokens != 4 {
+				return fmt.Sprint("max_tokens ", m.MaxTokens)
+			}
+			return ""
+		}},
+		{"max_tokens of a text prompt", cmplPath, `{"model":"t","prompt":"` + strings.Repeat("a", 60) + `","max_tokens":500}`, func(m ipc.Message) string {
+			if m.MaxTokens != 500 {
 				return fmt.Sprint("max_tokens ", m.MaxTokens)
 			}
 			return ""
@@ -622,8 +643,8 @@ func TestParamsReachWorker(t *testing.T) {
 			return ""
 		}},
 		{"text parts joined", chatPath, `{"model":"t","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}`, func(m ipc.Message) string {
-			if fmt.Sprint(m.Prompt) != "[1 97 98]" {
-				return fmt.Sprint(m.Prompt)
+			if fmt.Sprint(m.Messages) != "[{user ab}]" {
+				return fmt.Sprint(m.Messages)
 			}
 			return ""
 		}},

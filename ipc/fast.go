@@ -12,7 +12,7 @@ package ipc
 // decimal text, as encoding/json does, so a frame's bytes are deterministic.
 //
 // Decoding handles the scalar and list fields (everything a worker sends at
-// run time: tok with or without logprobs, done, tokens, error, pong; and gen,
+// run time: tok with or without logprobs, done, error, pong; and gen,
 // cancel, ping without logit_bias). A frame with any other key (versions,
 // logit_bias, messages, or a key this version does not know) goes to
 // decodeGeneric, after validate has walked it: the generic decoder trusts
@@ -543,7 +543,7 @@ func (d *decoder) strBytes() []byte {
 func (d *decoder) str() string { return string(d.strBytes()) }
 
 var (
-	msgTypes = []string{TTok, TDone, TPong, TTokens, TError, THello, TGen, TCancel, TPing, TTokenize, TShutdown}
+	msgTypes = []string{TTok, TDone, TPong, TError, THello, TGen, TCancel, TPing, TShutdown}
 	reasons  = []string{"stop", "length", "cancelled"}
 )
 

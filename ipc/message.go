@@ -8,25 +8,25 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 )
 
-// Version is the protocol version this supervisor speaks.
-const Version = 1
+// Version is the protocol version this supervisor speaks. Version 2: a gen
+// carries the prompt as text or chat messages, which the worker tokenizes
+// (version 1 had a separate tokenize round trip).
+const Version = 2
 
 // Message types (the "t" key).
 const (
 	TGen      = "gen"
 	TCancel   = "cancel"
-	TTokenize = "tokenize"
 	TPing     = "ping"
 	TShutdown = "shutdown"
 	THello    = "hello"
-	TTokens   = "tokens"
 	TTok      = "tok"
 	TDone     = "done"
 	TError    = "error"
 	TPong     = "pong"
 )
 
-// ChatMessage is one entry of a tokenize request's messages.
+// ChatMessage is one entry of a gen's messages.
 type ChatMessage struct {
 	Role    string `msgpack:"role"`
 	Content string `msgpack:"content"`
@@ -70,12 +70,13 @@ type Message struct {
 	Logprobs          bool              `msgpack:"logprobs,omitempty"`
 	TopLogprobs       int               `msgpack:"top_logprobs,omitempty"`
 
-	// tokenize
+	// gen: a prompt for the worker to tokenize instead of prompt ids; also
+	// tok and done: output text
 	Text     string        `msgpack:"text,omitempty"`
 	Messages []ChatMessage `msgpack:"messages,omitempty"`
 	Special  bool          `msgpack:"special,omitempty"`
 
-	// tokens, tok
+	// tok
 	IDs []int32 `msgpack:"ids,omitempty"`
 
 	// tok, with gen's logprobs: one entry per id, in the same order

@@ -21,7 +21,7 @@ func canonical() []struct {
 		Name string
 		Msg  Message
 	}{
-		{"hello", Message{T: THello, V: 1, PID: 4242, Model: "/models/smollm2", Ctx: 8192, Vocab: 49152,
+		{"hello", Message{T: THello, V: 2, PID: 4242, Model: "/models/smollm2", Ctx: 8192, Vocab: 49152,
 			EOS: []int32{2}, Caps: []string{"resume", "stop", "penalties", "logit_bias", "seed"},
 			Versions: map[string]string{"krserve_worker": "0.1.0", "mlx": "0.32.4", "mlx_lm": "0.32.2", "python": "3.11.7"}}},
 		{"gen", Message{T: TGen, ID: 7, Prompt: []int32{1, 9690, 198, 300, 70000}, MaxTokens: 64, Temperature: 0.7,
@@ -31,11 +31,13 @@ func canonical() []struct {
 		{"gen_logprobs", Message{T: TGen, ID: 12, Prompt: []int32{1, 2}, MaxTokens: 4, Logprobs: true, TopLogprobs: 2}},
 		{"gen_greedy", Message{T: TGen, ID: 9, Prompt: []int32{5}, MaxTokens: 1}},
 		{"cancel", Message{T: TCancel, ID: 7}},
-		{"tokenize_text", Message{T: TTokenize, ID: 10, Text: "héllo wörld 🙂", Special: true}},
-		{"tokenize_chat", Message{T: TTokenize, ID: 11, Messages: []ChatMessage{{Role: "system", Content: "Be brief."}, {Role: "user", Content: "What is the capital of France?"}}}},
+		{"gen_text", Message{T: TGen, ID: 10, MaxTokens: 16, Text: "héllo wörld 🙂", Special: true}},
+		{"gen_chat", Message{T: TGen, ID: 11, MaxTokens: 32, Temperature: 0.5, Stop: []string{"\n"},
+			Messages: []ChatMessage{{Role: "system", Content: "Be brief."}, {Role: "user", Content: "What is the capital of France?"}}}},
+		{"gen_chat_resume", Message{T: TGen, ID: 13, MaxTokens: 30, Resume: []int32{504, 11}, Sent: 6,
+			Messages: []ChatMessage{{Role: "user", Content: "Hi"}}}},
 		{"ping", Message{T: TPing, Seq: 3}},
 		{"shutdown", Message{T: TShutdown}},
-		{"tokens", Message{T: TTokens, ID: 10, IDs: []int32{71, 2541, 44, 300000}}},
 		{"tok", Message{T: TTok, ID: 7, IDs: []int32{504, 11}, Text: "Paris é 🙂"}},
 		{"tok_logprobs", Message{T: TTok, ID: 12, IDs: []int32{504, 11}, Text: "Paris é", LPs: []float64{-0.25, -1.5},
 			Toks: []string{" Paris", " é"}, TopLPs: [][]float64{{-0.25, -2}, {-1.5, -1.75}}, TopToks: [][]string{{" Paris", " Lyon"}, {" é", "\ufffd"}}}},

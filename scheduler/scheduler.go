@@ -126,7 +126,7 @@ func (s *Scheduler) Submit(r *Request) error {
 		s.m.AdmissionRejections.WithLabelValues("queue_full").Inc()
 		return &Error{Reason: ReasonOverloaded, Msg: fmt.Sprintf("queue is full (%d requests waiting)", len(s.queue)), RetryAfter: s.retryAfterLocked()}
 	}
-	if s.queueTokens+len(r.Prompt) > s.cfg.MaxQueueTokens && len(s.queue) > 0 {
+	if s.queueTokens+r.queueCost > s.cfg.MaxQueueTokens && len(s.queue) > 0 {
 		s.m.AdmissionRejections.WithLabelValues("queue_tokens").Inc()
 		return &Error{Reason: ReasonOverloaded, Msg: fmt.Sprintf("queue holds %d prompt tokens; limit %d", s.queueTokens, s.cfg.MaxQueueTokens), RetryAfter: s.retryAfterLocked()}
 	}
@@ -140,7 +140,7 @@ func (s *Scheduler) Submit(r *Request) error {
 	r.slot = -1
 	fast := len(s.queue) == 0 && s.idleWorkerLocked()
 	s.queue = append(s.queue, r)
-	s.queueTokens += len(r.Prompt)
+	s.queueTokens += r.queueCost
 	s.m.NumRequestsWaiting.Set(float64(len(s.queue)))
 	if fast {
 		// The fast path: nothing waits and a worker is idle, so the request
@@ -211,7 +211,7 @@ func (s *Scheduler) Cancel(r *Request, reason, msg string) {
 func (s *Scheduler) removeQueuedLocked(r *Request) {
 	if i := slices.Index(s.queue, r); i >= 0 {
 		s.queue = slices.Delete(s.queue, i, i+1)
-		s.queueTokens -= len(r.Prompt)
+		s.queueTokens -= r.queueCost
 		s.m.NumRequestsWaiting.Set(float64(len(s.queue)))
 	}
 }
@@ -300,7 +300,7 @@ func (s *Scheduler) RemoveWorker(id int, cause string) {
 		return cmp.Or(a.Enqueued.Compare(b.Enqueued), cmp.Compare(a.ID, b.ID))
 	})
 	for _, r := range back {
-		s.queueTokens += len(r.Prompt)
+		s.queueTokens += r.queueCost
 	}
 	s.queue = append(back, s.queue...)
 	s.m.NumRequestsWaiting.Set(float64(len(s.queue)))
@@ -334,6 +334,9 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 			s.onTokensLocked(r, m.IDs, m.Text, nil, now)
 		}
 		r.ptoks = m.PToks
+		if r.Prompt == nil { // prefilled: the prompt, then what earlier workers generated
+			r.promptToks = max(0, m.PToks-(len(r.generated)-r.dispatchToks))
+		}
 		// Tokens the worker generated but did not send (the EOS token) still
 		// count as completion tokens, as in mlx-lm and vLLM.
 		r.unsent = max(0, m.CToks-r.dispatchToks)
@@ -349,11 +352,14 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 		s.completeLocked(r, reason, now)
 	case ipc.TError:
 		s.releaseLocked(sl, r, now)
-		reason := ReasonInternal
-		if m.Code == "invalid" {
-			reason = ReasonInvalid
+		e := &Error{Reason: ReasonInternal, Msg: m.Msg}
+		switch m.Code {
+		case "invalid":
+			e.Reason = ReasonInvalid
+		case CodeContextLength, CodeInvalidPrompt:
+			e.Reason, e.Code = ReasonInvalid, m.Code
 		}
-		s.failLocked(r, &Error{Reason: reason, Msg: m.Msg})
+		s.failLocked(r, e)
 	default:
 		return fmt.Errorf("%w: unexpected %q frame for request %d", ipc.ErrProtocol, m.T, m.ID)
 	}
@@ -365,7 +371,7 @@ func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
 	r.finished = true
 	s.m.RequestSuccess.WithLabelValues(reason).Inc()
 	s.observeDoneLocked(r, now)
-	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: len(r.Prompt), CompletionTokens: len(r.generated) + r.unsent})
+	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: r.promptTokens(), CompletionTokens: len(r.generated) + r.unsent})
 	s.checkIdleLocked()
 }
 
@@ -420,8 +426,8 @@ func (s *Scheduler) observeDoneLocked(r *Request, now time.Time) {
 	if !r.firstToken.IsZero() {
 		s.m.DecodeTime.Observe(now.Sub(r.firstToken).Seconds())
 	}
-	s.m.PromptTokens.Add(float64(len(r.Prompt)))
-	s.m.RequestPromptTokens.Observe(float64(len(r.Prompt)))
+	s.m.PromptTokens.Add(float64(r.promptTokens()))
+	s.m.RequestPromptTokens.Observe(float64(r.promptTokens()))
 	s.m.RequestGenerationTokens.Observe(float64(len(r.generated)))
 	ttft := time.Duration(0)
 	if !r.firstToken.IsZero() {
@@ -546,7 +552,7 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 		r := s.queue[0]
 		s.queue[0] = nil
 		s.queue = s.queue[1:]
-		s.queueTokens -= len(r.Prompt)
+		s.queueTokens -= r.queueCost
 		batches[best] = append(batches[best], r)
 	}
 	for id, reqs := range batches {

@@ -643,6 +643,74 @@ func TestErrorFrames(t *testing.T) {
 	})
 }
 
+// A worker's context_length_exceeded refusal keeps its code, so the front
+// door can answer as OpenAI does.
+func TestContextLengthErrorKeepsCode(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, 2, nil)
+		h.addWorker(1)
+		r := h.submit()
+		h.deliver(1, &ipc.Message{T: ipc.TError, ID: r.ID, Code: CodeContextLength, Msg: "too long"})
+		if e := wantFailed(t, r, events(r), ReasonInvalid); e.Code != CodeContextLength || e.Msg != "too long" {
+			t.Errorf("error %+v", e)
+		}
+	})
+}
+
+// A request whose prompt the worker tokenizes: the gen carries the text or
+// the messages (again on a resume), the queue counts an estimate of its
+// tokens, and the prompt's length comes from the worker's done, less the
+// tokens resumed.
+func TestInputRequest(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, 2, func(c *Config) { c.MaxCrashes = 3 })
+		chat := Input{Messages: []ipc.ChatMessage{{Role: "user", Content: "What is the capital of France?"}}}
+		h.nextID++
+		r := NewInputRequest(h.nextID, chat, Params{MaxTokens: 8})
+		h.mustSubmit(r)
+		// (4 + 30 + 16) bytes at four a token, rounded up.
+		if st := h.s.State(); st.QueueTokens != 13 {
+			t.Errorf("queued tokens %d, want the estimate 13", st.QueueTokens)
+		}
+		w1 := h.addWorker(1)
+		g := w1.gens()
+		if len(g) != 1 || g[0].Prompt != nil || !slices.Equal(g[0].Messages, chat.Messages) || g[0].Text != "" {
+			t.Fatalf("gen frames %+v", g)
+		}
+		if st := h.s.State(); st.QueueTokens != 0 {
+			t.Errorf("queued tokens after dispatch %d", st.QueueTokens)
+		}
+		h.tok(1, r, "Pa", 7)
+		h.tok(1, r, "ris", 8)
+		h.crash(1)
+		w2 := h.addWorker(2)
+		g = w2.gens()
+		if len(g) != 1 || !slices.Equal(g[0].Messages, chat.Messages) || !slices.Equal(g[0].Resume, []int32{7, 8}) || g[0].Sent != 5 || g[0].MaxTokens != 6 {
+			t.Fatalf("resumed gen %+v", g)
+		}
+		h.tok(2, r, ".", 9)
+		// The second worker prefilled 11 prompt tokens and the 2 resumed ones.
+		h.deliver(2, &ipc.Message{T: ipc.TDone, ID: r.ID, Reason: "stop", PToks: 13, CToks: 2})
+		evs := events(r)
+		last := evs[len(evs)-1]
+		if textOf(evs) != "Paris." || last.Err != nil || last.PromptTokens != 11 || last.CompletionTokens != 4 {
+			t.Errorf("events %+v", evs)
+		}
+		if v, n := metricValue(t, h.m.RequestPromptTokens); v != 11 || n != 1 {
+			t.Errorf("prompt tokens histogram: sum %v of %d", v, n)
+		}
+
+		// A completion's text, with the tokenizer's special tokens.
+		h.nextID++
+		r2 := NewInputRequest(h.nextID, Input{Text: "Once upon", Special: true}, Params{MaxTokens: 2})
+		h.mustSubmit(r2)
+		g = w2.gens()
+		if len(g) != 2 || g[1].Text != "Once upon" || !g[1].Special || g[1].Messages != nil || g[1].Prompt != nil {
+			t.Fatalf("gen frames %+v", g)
+		}
+	})
+}
+
 // --- protocol ------------------------------------------------------------------
 
 func TestForeignFramesAreProtocolErrors(t *testing.T) {
@@ -666,7 +734,7 @@ func TestForeignFramesAreProtocolErrors(t *testing.T) {
 			{"unknown id", o1, ipc.Message{T: ipc.TTok, ID: 999, IDs: []int32{1}}},
 			{"id 0", o1, ipc.Message{T: ipc.TDone, Reason: "stop"}},
 			{"unregistered worker", 7, ipc.Message{T: ipc.TTok, ID: r1.ID}},
-			{"wrong frame type", o1, ipc.Message{T: ipc.TTokens, ID: r1.ID, IDs: []int32{1}}},
+			{"wrong frame type", o1, ipc.Message{T: ipc.TPong, ID: r1.ID, Seq: 1}},
 		}
 		for _, c := range cases {
 			err := h.s.Deliver(c.wid, &c.m)

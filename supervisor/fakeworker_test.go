@@ -7,14 +7,13 @@ package supervisor
 //
 // fakeEnv holds "mode[,key=value...]". Modes:
 //
-//	ok                 well behaved: hello, pong, tokens, a deterministic gen
-//	                   stream, cancel, exits on shutdown or stdin EOF
+//	ok                 well behaved: hello, pong, a deterministic gen stream,
+//	                   cancel, exits on shutdown or stdin EOF
 //	crash-on-start     Python traceback on stderr, exit 1 before hello
 //	fatal-error        error frame with id 0 ("model failed to load"), exit 1
-//	bad-version        hello with v=2
+//	bad-version        hello with v=1 (the supervisor speaks 2)
 //	slow-start         hello only after delay (default 1 h)
 //	crash-mid-stream   after k tokens (default 3) kill itself with sig (default SEGV)
-//	crash-on-tokenize  kill itself with sig on its first tokenize
 //	hang               after hello: no pong, no token, ignores shutdown/EOF
 //	stall              answers pings, never produces a token
 //	garbage-oversize   at the trigger: a length prefix of 0xffffffff
@@ -34,7 +33,9 @@ package supervisor
 // tokens), on (ping or gen: what triggers a garbage mode), rss (pong rss).
 //
 // The gen stream is deterministic: token i of a request with prompt p has id
-// p[0]+i and text "t<i> ". Like a streaming detokenizer, each tok event holds
+// p[0]+i and text "t<i> ". A gen with text or messages instead of prompt ids
+// is tokenized here as a byte per token (text, then "role:content\n" for
+// each message). Like a streaming detokenizer, each tok event holds
 // back the text of its own token and carries the previous token's text; done
 // flushes the rest. A resumed gen replays resume (checking the ids) and skips
 // the first sent bytes of its text, so concatenating every text of a request
@@ -255,7 +256,7 @@ func runFake(spec string) int {
 
 	v := ipc.Version
 	if mode == "bad-version" {
-		v = 2
+		v = 1 // the version before ipc.Version
 	}
 	f.send(&ipc.Message{T: ipc.THello, V: v, PID: pid, Model: "fake-model", Ctx: 4096, Vocab: 1000,
 		EOS: []int32{2}, Caps: []string{"resume", "stop"}, Versions: map[string]string{"krserve_worker": "fake"}})
@@ -308,19 +309,6 @@ func runFake(spec string) int {
 			active := len(f.cancels)
 			f.mu.Unlock()
 			f.send(&ipc.Message{T: ipc.TPong, Seq: m.Seq, Active: active, RSS: int64(f.optInt("rss", 1<<20))})
-		case ipc.TTokenize:
-			if f.mode == "crash-on-tokenize" {
-				die(f.sig())
-			}
-			text := m.Text
-			for _, cm := range m.Messages {
-				text += cm.Role + ":" + cm.Content + "\n"
-			}
-			ids := make([]int32, 0, len(text))
-			for i := 0; i < len(text); i++ {
-				ids = append(ids, int32(text[i]))
-			}
-			f.send(&ipc.Message{T: ipc.TTokens, ID: m.ID, IDs: ids})
 		case ipc.TCancel:
 			f.mu.Lock()
 			if c, ok := f.cancels[m.ID]; ok {
@@ -384,12 +372,29 @@ func (f *fakeWorker) garbage(trigger string, id uint64) bool {
 	return true
 }
 
+// tokenizeBytes is the fake's tokenizer: a token per byte of the text, then
+// of "role:content\n" for each chat message.
+func tokenizeBytes(m *ipc.Message) []int32 {
+	text := m.Text
+	for _, cm := range m.Messages {
+		text += cm.Role + ":" + cm.Content + "\n"
+	}
+	ids := make([]int32, 0, len(text))
+	for i := 0; i < len(text); i++ {
+		ids = append(ids, int32(text[i]))
+	}
+	return ids
+}
+
 func (f *fakeWorker) gen(m ipc.Message, cancel chan struct{}) {
 	defer func() {
 		f.mu.Lock()
 		delete(f.cancels, m.ID)
 		f.mu.Unlock()
 	}()
+	if len(m.Prompt) == 0 {
+		m.Prompt = tokenizeBytes(&m)
+	}
 	if len(m.Prompt) == 0 || m.MaxTokens < 1 { // as krserve_worker/params.py
 		f.send(&ipc.Message{T: ipc.TError, ID: m.ID, Code: "invalid", Msg: "max_tokens must be >= 1 and prompt non-empty"})
 		return

@@ -127,35 +127,21 @@ type Pool struct {
 	slots  []*slotState
 	now    func() time.Time
 
-	idSource func() uint64 // tokenize ids, from the same space as request ids
-
 	helloMu sync.Mutex
 	hello   *Hello
 	ready   chan struct{} // closed at the first hello
 	readyOn sync.Once
-
-	upMu sync.Mutex
-	upCh chan struct{} // closed (and dropped) when a slot changes state
-
-	pendMu  sync.Mutex
-	pending map[uint64]chan *ipc.Message
-	rr      atomic.Uint64
 }
 
-// NewPool builds a pool; ids supplies fresh request ids (shared with the
-// front door so that tokenize and gen ids never collide).
+// NewPool builds a pool.
 func NewPool(cfg Config, router Router, m *metrics.Metrics, log *slog.Logger) *Pool {
-	p := &Pool{cfg: cfg, router: router, m: m, log: log, now: time.Now,
-		ready: make(chan struct{}), pending: map[uint64]chan *ipc.Message{}}
+	p := &Pool{cfg: cfg, router: router, m: m, log: log, now: time.Now, ready: make(chan struct{})}
 	for i := range cfg.Workers {
 		p.slots = append(p.slots, &slotState{id: i, state: StateStarting, restart: newRestartState(cfg.Restart, nil)})
 		m.WorkerUp.WithLabelValues(strconv.Itoa(i)).Set(0)
 	}
 	return p
 }
-
-// SetIDSource makes the pool draw tokenize ids from next.
-func (p *Pool) SetIDSource(next func() uint64) { p.idSource = next }
 
 // Ready is closed once any worker has said hello.
 func (p *Pool) Ready() <-chan struct{} { return p.ready }
@@ -190,13 +176,6 @@ func (p *Pool) setState(s *slotState, st string) {
 	if st == StateReady || st == StateDraining {
 		up = 1
 	}
-	// Wake Tokenize calls waiting for a worker: they look again.
-	p.upMu.Lock()
-	if p.upCh != nil {
-		close(p.upCh)
-		p.upCh = nil
-	}
-	p.upMu.Unlock()
 	p.m.WorkerUp.WithLabelValues(strconv.Itoa(s.id)).Set(up)
 }
 
@@ -320,8 +299,6 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 			_ = sent
 			p.onPong(s, m)
 			return nil
-		case ipc.TTokens:
-			return p.resolve(m)
 		case ipc.TError:
 			if m.ID == 0 {
 				log.Error("worker reported a fatal error", "code", m.Code, "msg", m.Msg)
@@ -329,9 +306,6 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 				s.mu.Lock()
 				s.failure = m.Msg
 				s.mu.Unlock()
-				return nil
-			}
-			if p.resolve(m) == nil {
 				return nil
 			}
 		}
@@ -464,80 +438,11 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 
 var errWedged = errors.New("worker wedged")
 
-// Tokenize asks a ready worker to tokenize (text or chat messages) and returns
-// the ids. It retries on another worker if the chosen one dies.
-func (p *Pool) Tokenize(ctx context.Context, m *ipc.Message) ([]int32, error) {
-	var lastErr error
-	for attempt := 0; attempt < 3; attempt++ {
-		proc, err := p.waitForWorker(ctx)
-		if err != nil {
-			return nil, err
-		}
-		m.T = ipc.TTokenize
-		m.ID = p.idSource()
-		ch := make(chan *ipc.Message, 1)
-		p.pendMu.Lock()
-		p.pending[m.ID] = ch
-		p.pendMu.Unlock()
-		f, err := ipc.AppendMessage(nil, m)
-		if err != nil {
-			p.forget(m.ID)
-			return nil, err
-		}
-		if err := proc.Send(f); err != nil {
-			p.forget(m.ID)
-			lastErr = err
-			continue
-		}
-		select {
-		case r := <-ch:
-			if r.T == ipc.TError {
-				return nil, &TokenizeError{Code: r.Code, Msg: r.Msg}
-			}
-			return r.IDs, nil
-		case <-proc.Done():
-			p.forget(m.ID)
-			lastErr = fmt.Errorf("worker %d died while tokenizing", proc.ID)
-		case <-ctx.Done():
-			p.forget(m.ID)
-			return nil, ctx.Err()
-		}
-	}
-	return nil, lastErr
-}
-
-// waitForWorker returns a ready worker, waiting while one is starting or
-// backing off after a crash (so a request that arrives during a restart is
-// served, not refused). With every slot failed or stopped it returns
-// ErrNoWorker at once.
-func (p *Pool) waitForWorker(ctx context.Context) (*Process, error) {
-	for {
-		p.upMu.Lock()
-		proc := p.pick()
-		if proc != nil {
-			p.upMu.Unlock()
-			return proc, nil
-		}
-		if !p.anyComing() {
-			p.upMu.Unlock()
-			return nil, ErrNoWorker
-		}
-		if p.upCh == nil {
-			p.upCh = make(chan struct{})
-		}
-		ch := p.upCh
-		p.upMu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-}
-
-// anyComing reports whether some slot may yet serve: one that is not given
-// up (failed) or stopped is starting, backing off, or about to be restarted.
-func (p *Pool) anyComing() bool {
+// CanServe reports whether some slot may yet serve: one that is not given up
+// (failed) or stopped is ready, starting, backing off, or about to be
+// restarted. A request that arrives while every slot has failed is refused at
+// once rather than left to wait out its timeout in the queue.
+func (p *Pool) CanServe() bool {
 	for _, s := range p.slots {
 		s.mu.Lock()
 		st := s.state
@@ -547,55 +452,6 @@ func (p *Pool) anyComing() bool {
 		}
 	}
 	return false
-}
-
-// TokenizeError is a worker's refusal to tokenize (e.g. a bad message list).
-type TokenizeError struct{ Code, Msg string }
-
-func (e *TokenizeError) Error() string { return e.Msg }
-
-// ErrNoWorker means no worker is ready.
-var ErrNoWorker = errors.New("no worker is ready")
-
-func (p *Pool) forget(id uint64) {
-	p.pendMu.Lock()
-	delete(p.pending, id)
-	p.pendMu.Unlock()
-}
-
-// resolve hands a tokenize answer to its waiter; an answer nobody waits for is
-// not an error (the waiter may have given up), an id never issued is.
-func (p *Pool) resolve(m *ipc.Message) error {
-	p.pendMu.Lock()
-	ch, ok := p.pending[m.ID]
-	delete(p.pending, m.ID)
-	p.pendMu.Unlock()
-	if !ok {
-		if m.T == ipc.TTokens {
-			return nil
-		}
-		return errNotPending
-	}
-	c := *m // m is reused for the next frame
-	ch <- &c
-	return nil
-}
-
-var errNotPending = errors.New("not a tokenize reply")
-
-func (p *Pool) pick() *Process {
-	n := len(p.slots)
-	start := int(p.rr.Add(1))
-	for k := range n {
-		s := p.slots[(start+k)%n]
-		s.mu.Lock()
-		st, proc := s.state, s.proc
-		s.mu.Unlock()
-		if proc != nil && (st == StateReady || st == StateDraining) && proc.alive() {
-			return proc
-		}
-	}
-	return nil
 }
 
 // Status returns a snapshot of every slot.

@@ -1,8 +1,8 @@
 package supervisor
 
 import (
-	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -16,10 +16,7 @@ import (
 
 func newTestPool(t *testing.T, cfg Config, r Router) *Pool {
 	t.Helper()
-	p := NewPool(cfg, r, newMetrics(), testLog())
-	var ids atomic.Uint64
-	p.SetIDSource(func() uint64 { return 1<<40 + ids.Add(1) })
-	return p
+	return NewPool(cfg, r, newMetrics(), testLog())
 }
 
 func procOf(t *testing.T, e routerEvent) *Process {
@@ -94,7 +91,7 @@ func TestPoolRefusesBadProtocolVersion(t *testing.T) {
 	stop := runPool(t, p)
 	eventually(t, "backoff after the refused hello", func() bool { return slot0(p).State == StateBackoff })
 	st := slot0(p)
-	for _, want := range []string{"version 2", "version 1"} {
+	for _, want := range []string{"version 1", fmt.Sprintf("version %d", ipc.Version)} {
 		if !strings.Contains(st.Failure, want) {
 			t.Errorf("failure %q does not name %s", st.Failure, want)
 		}
@@ -354,84 +351,22 @@ func indexOf(evs []routerEvent, kind string) int {
 	return -1
 }
 
-func TestPoolTokenize(t *testing.T) {
-	pl := newPlan(t, "ok")
-	r := newFakeRouter()
-	p := newTestPool(t, testConfig(pl), r)
-	ctx := t.Context()
-	// Before any worker is up, Tokenize waits for one (bounded by its context).
-	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-	defer cancel()
-	if _, err := p.Tokenize(short, &ipc.Message{Text: "x"}); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("before any worker: %v", err)
-	}
-	runPool(t, p)
-	r.waitCount(t, "add", 1)
-	ids, err := p.Tokenize(ctx, &ipc.Message{Text: "abc"})
-	if err != nil || len(ids) != 3 || ids[0] != 'a' {
-		t.Fatalf("tokenize: %v %v", ids, err)
-	}
-	ids, err = p.Tokenize(ctx, &ipc.Message{Messages: []ipc.ChatMessage{{Role: "user", Content: "hi"}}})
-	if err != nil || len(ids) == 0 || ids[0] != 'u' {
-		t.Fatalf("chat tokenize: %v %v", ids, err)
-	}
-}
-
-// With a single worker, a tokenize whose worker dies waits for the restart
-// instead of failing the client's request.
-func TestPoolTokenizeWaitsForRestart(t *testing.T) {
-	pl := newPlan(t, "ok")
-	pl.specs[0] = []string{"crash-on-tokenize", "ok"}
-	cfg := testConfig(pl)
-	cfg.Workers = 1
-	r := newFakeRouter()
-	p := newTestPool(t, cfg, r)
-	runPool(t, p)
-	r.waitCount(t, "add", 1)
-	ids, err := p.Tokenize(t.Context(), &ipc.Message{Text: "abc"})
-	if err != nil || len(ids) != 3 {
-		t.Fatalf("tokenize: %v %v", ids, err)
-	}
-	if pl.count(0) < 2 {
-		t.Fatalf("slot 0 started %d times, want a restart", pl.count(0))
-	}
-}
-
-// Once every slot has failed for good, Tokenize refuses at once.
-func TestPoolTokenizeNoWorkerWhenAllFailed(t *testing.T) {
+// CanServe is true while a slot starts or serves, false once every slot has
+// failed for good: the front door then refuses at once instead of queueing.
+func TestPoolCanServe(t *testing.T) {
 	pl := newPlan(t, "crash-on-start")
 	cfg := testConfig(pl)
 	cfg.Workers = 1
 	cfg.Restart.Threshold = 1.5 // the second failed start gives the slot up
 	r := newFakeRouter()
 	p := newTestPool(t, cfg, r)
+	if !p.CanServe() {
+		t.Fatal("a pool that is starting cannot serve")
+	}
 	runPool(t, p)
-	if _, err := p.Tokenize(t.Context(), &ipc.Message{Text: "abc"}); !errors.Is(err, ErrNoWorker) {
-		t.Fatalf("tokenize with the only slot failed: %v", err)
-	}
-}
-
-// A tokenize whose worker dies is retried on another ready worker.
-func TestPoolTokenizeSurvivesWorkerCrash(t *testing.T) {
-	pl := newPlan(t, "ok")
-	pl.specs[1] = []string{"crash-on-tokenize", "ok"}
-	cfg := testConfig(pl)
-	cfg.Workers = 2
-	r := newFakeRouter()
-	p := newTestPool(t, cfg, r)
-	runPool(t, p)
-	r.waitCount(t, "add", 2)
-	// The round robin starts at slot 1: the crashing one.
-	ids, err := p.Tokenize(t.Context(), &ipc.Message{Text: "abc"})
-	if err != nil || len(ids) != 3 {
-		t.Fatalf("tokenize: %v %v", ids, err)
-	}
-	if pl.count(1) < 1 {
-		t.Fatal("slot 1 never started")
-	}
-	evs := r.waitCount(t, "remove", 1)
-	if rm := nth(evs, "remove", 1); rm.ID != 1 || !strings.Contains(rm.Cause, "SIGSEGV") {
-		t.Fatalf("router saw %s", summarize(evs))
+	eventually(t, "slot failed", func() bool { return slot0(p).State == StateFailed })
+	if p.CanServe() {
+		t.Fatal("CanServe with the only slot failed")
 	}
 }
 
@@ -448,7 +383,6 @@ func newSchedPool(t *testing.T, cfg Config) *schedPool {
 	m := newMetrics()
 	sp := &schedPool{sched: newScheduler(t, m)}
 	sp.pool = NewPool(cfg, sp.sched, m, testLog())
-	sp.pool.SetIDSource(func() uint64 { return sp.ids.Add(1) })
 	runPool(t, sp.pool)
 	return sp
 }
@@ -487,6 +421,30 @@ func TestSchedulerResumesAfterCrashWithoutRepeats(t *testing.T) {
 	text, last = collect(t, sp.submit(t, 7, 4))
 	if last.Err != nil || text != fakeText(0, 4) {
 		t.Fatalf("after the crash: %q %+v", text, last)
+	}
+}
+
+// A chat request, which the worker tokenizes, resumes after a crash with its
+// messages again: the fake checks that the resumed ids continue its own
+// numbering, which starts from the prompt's first token, so a resume works
+// only if the new worker tokenized the same prompt.
+func TestSchedulerResumesInputRequest(t *testing.T) {
+	pl := newPlan(t, "crash-mid-stream,k=3", "ok")
+	sp := newSchedPool(t, testConfig(pl))
+	msgs := []ipc.ChatMessage{{Role: "user", Content: "hi"}}
+	r := scheduler.NewInputRequest(sp.ids.Add(1), scheduler.Input{Messages: msgs}, scheduler.Params{MaxTokens: 10})
+	if err := sp.sched.Submit(r); err != nil {
+		t.Fatal(err)
+	}
+	text, last := collect(t, r)
+	if last.Err != nil || last.FinishReason != "length" || text != fakeText(0, 10) {
+		t.Fatalf("text %q, final event %+v", text, last)
+	}
+	if want := len("user:hi\n"); last.PromptTokens != want || last.CompletionTokens != 10 {
+		t.Errorf("usage %d prompt + %d completion tokens, want %d + 10", last.PromptTokens, last.CompletionTokens, want)
+	}
+	if st := slot0(sp.pool); st.Restarts != 1 {
+		t.Errorf("restarts %d, want 1", st.Restarts)
 	}
 }
 

@@ -360,19 +360,6 @@ func (p *Process) writeNow(b []byte) (int, error) {
 	return n, werr
 }
 
-// alive reports whether the process still takes frames (it is neither
-// stopping nor known to be broken).
-func (p *Process) alive() bool {
-	select {
-	case <-p.stopping:
-		return false
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
-
 // Done is closed once the process has exited and every pipe is drained.
 func (p *Process) Done() <-chan struct{} { return p.done }
 

@@ -79,11 +79,6 @@ func TestProcessProtocolRoundTrip(t *testing.T) {
 		t.Fatalf("pong seq %d, want 5", p.Seq)
 	}
 
-	send(t, proc, &ipc.Message{T: ipc.TTokenize, ID: 10, Text: "hi"})
-	if tk := recv(t, msgs, ipc.TTokens); tk.ID != 10 || len(tk.IDs) != 2 || tk.IDs[0] != 'h' {
-		t.Fatalf("tokens %+v", tk)
-	}
-
 	// Two gens in one write: both streams complete, text and ids exact.
 	send(t, proc, &ipc.Message{T: ipc.TGen, ID: 11, Prompt: []int32{100}, MaxTokens: 4},
 		&ipc.Message{T: ipc.TGen, ID: 12, Prompt: []int32{500, 1}, MaxTokens: 3})
@@ -326,7 +321,7 @@ func TestProcessProtocolErrors(t *testing.T) {
 func TestProcessNotReadingInput(t *testing.T) {
 	proc, msgs := startFake(t, "no-read")
 	recv(t, msgs, ipc.THello)
-	frame, _ := ipc.AppendMessage(nil, &ipc.Message{T: ipc.TTokenize, ID: 1, Text: strings.Repeat("a", 4096)})
+	frame, _ := ipc.AppendMessage(nil, &ipc.Message{T: ipc.TPing, Seq: 1, Text: strings.Repeat("a", 4096)})
 	var err error
 	for i := 0; i < 10000 && err == nil; i++ {
 		err = proc.Send(frame)
@@ -463,22 +458,32 @@ func TestProcessSendLargerThanPipe(t *testing.T) {
 	proc, msgs := startFake(t, "ok")
 	recv(t, msgs, ipc.THello)
 	big := strings.Repeat("abcdefghij", 30000) // 300 kB: several pipe buffers
-	send(t, proc, &ipc.Message{T: ipc.TTokenize, ID: 20, Text: big})
-	send(t, proc, &ipc.Message{T: ipc.TTokenize, ID: 21, Text: "ok"})
+	send(t, proc, &ipc.Message{T: ipc.TGen, ID: 20, MaxTokens: 1, Text: big})
+	send(t, proc, &ipc.Message{T: ipc.TGen, ID: 21, MaxTokens: 1, Text: "ok"})
 	send(t, proc, &ipc.Message{T: ipc.TPing, Seq: 9})
-	tk := recv(t, msgs, ipc.TTokens)
-	if tk.ID != 20 || len(tk.IDs) != len(big) {
-		t.Fatalf("tokens id %d with %d ids, want id 20 with %d", tk.ID, len(tk.IDs), len(big))
-	}
-	for i, id := range tk.IDs {
-		if id != int32(big[i]) {
-			t.Fatalf("id %d = %d, want %d", i, id, big[i])
+	// The fake tokenizes a byte per token and numbers the first output token
+	// after the prompt's first id; each gen runs on its own goroutine, so the
+	// two answers may interleave.
+	first, ptoks := map[uint64]int32{}, map[uint64]int{}
+	pong := false
+	for len(ptoks) < 2 || !pong {
+		select {
+		case m := <-msgs:
+			switch m.T {
+			case ipc.TTok:
+				first[m.ID] = m.IDs[0]
+			case ipc.TDone:
+				ptoks[m.ID] = m.PToks
+			case ipc.TPong:
+				pong = m.Seq == 9
+			default:
+				t.Fatalf("unexpected frame %+v", m)
+			}
+		case <-time.After(waitLimit):
+			t.Fatalf("answers so far: first tokens %v, prompt tokens %v, pong %v", first, ptoks, pong)
 		}
 	}
-	if tk := recv(t, msgs, ipc.TTokens); tk.ID != 21 || len(tk.IDs) != 2 || tk.IDs[0] != 'o' {
-		t.Fatalf("second tokens %+v", tk)
-	}
-	if p := recv(t, msgs, ipc.TPong); p.Seq != 9 {
-		t.Fatalf("pong seq %d, want 9", p.Seq)
+	if first[20] != 'a' || ptoks[20] != len(big) || first[21] != 'o' || ptoks[21] != 2 {
+		t.Fatalf("first tokens %v, prompt tokens %v; want 'a' after %d and 'o' after 2", first, ptoks, len(big))
 	}
 }

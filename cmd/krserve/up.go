@@ -274,7 +274,6 @@ func runUp(parent context.Context, c upConfig) error {
 		return supervisor.Command{Path: python, Env: env, Args: args}
 	}
 	pool := supervisor.NewPool(pcfg, sched, m, log)
-	pool.SetIDSource(nextID)
 
 	ops := &ops{pool: pool, sched: sched, stats: st, started: time.Now(), workers: c.Workers}
 	apiCfg := c.API

@@ -59,7 +59,7 @@ def test_hello(worker, tiny_model):
     import mlx_lm
 
     h = worker.hello_msg
-    assert h["v"] == 1
+    assert h["v"] == 2
     assert h["pid"] == worker.proc.pid
     assert h["model"] == tiny_model
     assert h["ctx"] == 2048
@@ -370,42 +370,98 @@ def test_seeded_sampling_is_reproducible(worker, prompts, new_id):
     assert delivered + rest["text"] == a["text"]
 
 
-# -- tokenize ------------------------------------------------------------------
+# -- prompts the worker tokenizes ------------------------------------------------
+
+
+def run_msg(worker, m):
+    worker.send(m)
+    return summarize(worker.collect(m["id"]))
 
 
 @pytest.mark.parametrize("special", [False, True])
-def test_tokenize_text(worker, ref, new_id, special):
+def test_gen_text_is_tokenized_like_encode(worker, ref, new_id, special):
     _, tok = ref
-    text = "héllo wörld 🙂 The capital of France is Paris."
-    rid = new_id()
-    worker.send({"t": "tokenize", "id": rid, "text": text, "special": special})
-    (m,) = worker.collect(rid)
-    assert m == {"t": "tokens", "id": rid, "ids": tok.encode(text, add_special_tokens=special)}
+    text = "héllo wörld 🙂 The capital of France is"
+    ids = tok.encode(text, add_special_tokens=special)
+    want = run(worker, new_id(), ids, 12, logit_bias=NO_EOS)
+    got = run_msg(worker, {"t": "gen", "id": new_id(), "text": text, "special": special,
+                           "max_tokens": 12, "logit_bias": NO_EOS})
+    assert got["ids"] == want["ids"] and got["text"] == want["text"] and len(got["ids"]) == 12
+    assert got["last"]["ptoks"] == len(ids)
 
 
-def test_tokenize_chat(worker, ref, new_id):
+def test_gen_chat_applies_the_template(worker, ref, new_id):
     _, tok = ref
     msgs = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "What is the capital of France?"}]
-    rid = new_id()
-    worker.send({"t": "tokenize", "id": rid, "messages": msgs})
-    (m,) = worker.collect(rid)
-    want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    assert m["ids"] == list(want)
-    assert tok.decode(m["ids"]).endswith("<|im_start|>assistant\n")
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    want = ref_greedy(ref, ids, 16)
+    got = run_msg(worker, {"t": "gen", "id": new_id(), "messages": msgs, "max_tokens": 16})
+    assert got["ids"] == want["ids"] and got["text"] == want["text"]
+    assert got["last"]["reason"] == want["reason"] and got["last"]["ptoks"] == len(ids)
 
 
-def test_tokenize_is_served_during_generation(worker, prompts, new_id):
+def test_gen_chat_resumes(worker, ref, new_id):
+    """A resumed chat request carries its messages again; the new worker
+    tokenizes them to the same ids and continues the same output."""
+    _, tok = ref
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    want = ref_greedy(ref, ids, 20, logit_bias=NO_EOS)
+    k = 7
+    got = run_msg(worker, {"t": "gen", "id": new_id(), "messages": msgs, "max_tokens": 20 - k,
+                           "resume": want["ids"][:k], "logit_bias": NO_EOS})
+    assert want["ids"][:k] + got["ids"] == want["ids"]
+    assert got["last"]["ptoks"] == len(ids) + k
+
+
+def test_gen_text_during_generation(worker, prompts, new_id):
+    """A text gen that arrives while another request decodes is tokenized on
+    the reader thread and joins the batch; pings are still answered."""
     rid, tid = new_id(), new_id()
     worker.send(gen(rid, prompts[0], 100000, logit_bias=NO_EOS))
     assert worker.next_for(rid)["t"] == "tok"
-    worker.send({"t": "tokenize", "id": tid, "text": "hello"})
-    assert worker.collect(tid)[0]["t"] == "tokens"
+    worker.send({"t": "gen", "id": tid, "text": "hello", "max_tokens": 3, "logit_bias": NO_EOS})
+    assert summarize(worker.collect(tid))["last"]["ctoks"] == 3
     worker.send({"t": "ping", "seq": 5})
     pong = wait_pong(worker, 5)
     assert pong["active"] == 1 and pong["mem_active"] > 0
     worker.send({"t": "cancel", "id": rid})
     assert worker.collect(rid)[-1]["reason"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "fields, code, msg",
+    [
+        # Context 2048: a prompt must leave room for one token.
+        ({"text": "a" * 2048}, "context_length_exceeded",
+         "This model's maximum context length is 2048 tokens. However, your prompt has 2048 tokens."),
+        ({"prompt": [3] * 2049}, "context_length_exceeded", "However, your prompt has 2049 tokens."),
+        ({"text": ""}, "invalid_prompt", "the prompt is empty after tokenization"),
+        ({"prompt": []}, "invalid_prompt", "the prompt is empty after tokenization"),
+        ({"text": "hi", "prompt": [5]}, "invalid", "not both"),
+        ({"messages": [{"role": "user", "content": 5}]}, "invalid", "must be strings"),
+    ],
+)
+def test_prompt_refusals(worker, new_id, fields, code, msg):
+    rid = new_id()
+    m = {"t": "gen", "id": rid, "max_tokens": 4}
+    m.update(fields)
+    worker.send(m)
+    (f,) = worker.collect(rid)
+    assert f["t"] == "error" and f["code"] == code and msg in f["msg"], f
+
+
+def test_max_tokens_cut_to_the_context(worker, new_id):
+    """max_tokens is cut to what the context leaves; a resume that fills the
+    context completes at once."""
+    got = run_msg(worker, {"t": "gen", "id": new_id(), "prompt": [3] * 2045, "max_tokens": 10,
+                           "logit_bias": NO_EOS})
+    assert len(got["ids"]) == 3 and got["last"]["reason"] == "length"
+    got = run_msg(worker, {"t": "gen", "id": new_id(), "prompt": [3] * 2040, "max_tokens": 10,
+                           "resume": [5] * 8, "sent": 0, "logit_bias": NO_EOS})
+    assert got["ids"] == [] and got["last"]["reason"] == "length" and got["last"]["ptoks"] == 2048
 
 
 # -- invalid requests ----------------------------------------------------------
@@ -419,14 +475,12 @@ def test_tokenize_is_served_during_generation(worker, prompts, new_id):
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": -3}, "top_k"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"prompt": []}, "prompt"),
         ({"prompt": [1, 512]}, "prompt"),
         ({"prompt": [1, -1]}, "prompt"),
         ({"resume": [600]}, "resume"),
         ({"logit_bias": {9999: 1.0}}, "logit_bias"),
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
         ({"stop": [""]}, "stop"),
-        ({"prompt": [3] * 2049}, "context"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],

@@ -17,6 +17,28 @@ MAX_TOP_LOGPROBS = 20
 class InvalidRequest(ValueError):
     """Bad request parameters: answered with ``error`` code ``invalid``."""
 
+    code = "invalid"
+
+
+class InvalidPrompt(InvalidRequest):
+    """A prompt the worker tokenized and cannot use (the chat template refused
+    the messages, or nothing is left): code ``invalid_prompt``."""
+
+    code = "invalid_prompt"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """A prompt that leaves no room in the model's context: code
+    ``context_length_exceeded``, with OpenAI's wording."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, ctx: int, n: int):
+        super().__init__(
+            f"This model's maximum context length is {ctx} tokens. "
+            f"However, your prompt has {n} tokens."
+        )
+
 
 @dataclass
 class GenParams:
@@ -75,19 +97,29 @@ def _token_list(msg, key, vocab):
     return list(v)
 
 
-def parse_gen(msg: dict, vocab: int, ctx: int = 0) -> GenParams:
+def parse_gen(msg: dict, vocab: int, ctx: int = 0, prompt: list[int] | None = None) -> GenParams:
+    """Validate a ``gen``. ``prompt``: the ids the reader thread tokenized
+    from the gen's text or messages (already known to be in the vocabulary),
+    instead of the gen's ``prompt``.
+
+    ``max_tokens`` is cut to what the context leaves after the prompt and the
+    resumed tokens. A resume that fills the context leaves 0: the request is
+    complete ("length"). A prompt alone that fills it is refused."""
     rid = msg["id"]
-    prompt = _token_list(msg, "prompt", vocab)
-    if not prompt:
-        raise InvalidRequest("prompt must not be empty")
+    if prompt is None:
+        prompt = _token_list(msg, "prompt", vocab)
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty")
+    elif not prompt:
+        raise InvalidPrompt("the prompt is empty after tokenization")
     resume = _token_list(msg, "resume", vocab)
     max_tokens = _int(msg, "max_tokens")
     if max_tokens < 1:
         raise InvalidRequest("max_tokens must be >= 1")
-    if ctx and len(prompt) + len(resume) > ctx:
-        raise InvalidRequest(
-            f"prompt of {len(prompt) + len(resume)} tokens exceeds the context of {ctx}"
-        )
+    if ctx:
+        if len(prompt) >= ctx:
+            raise ContextLengthExceeded(ctx, len(prompt))
+        max_tokens = max(0, min(max_tokens, ctx - len(prompt) - len(resume)))
     temperature = _float(msg, "temperature", lo=0.0)
     top_p = _float(msg, "top_p", 0.0, 1.0)
     min_p = _float(msg, "min_p", 0.0, 1.0)

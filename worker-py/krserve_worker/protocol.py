@@ -1,4 +1,4 @@
-"""Message encoding for protocol v1 (docs/protocol.md), byte-compatible with Go.
+"""Message encoding for protocol v2 (docs/protocol.md), byte-compatible with Go.
 
 The Go side (``ipc.Message``) is one struct for every message type, encoded with
 ``omitempty``, compact ints and float64 floats; its field order is the wire
@@ -20,7 +20,7 @@ import struct
 
 import msgpack
 
-VERSION = 1
+VERSION = 2
 MAX_FRAME = 16 << 20  # bytes of body, checked before allocating
 
 CAPS = ["resume", "stop", "penalties", "logit_bias", "seed"]
@@ -35,9 +35,9 @@ KEY_ORDER = (
     "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
     "has_seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
     "logit_bias", "stop", "resume", "sent", "logprobs", "top_logprobs",
-    # tokenize
+    # gen's prompt as text or chat messages (text: also tok and done)
     "text", "messages", "special",
-    # tokens, tok
+    # tok
     "ids", "lps", "toks", "top_lps", "top_toks",
     # done
     "reason", "ptoks", "ctoks",
@@ -190,10 +190,6 @@ def hello(*, v: int = VERSION, pid: int, model: str, ctx: int, vocab: int,
     return encode({"t": "hello", "v": v, "pid": pid, "model": model, "ctx": ctx,
                    "vocab": vocab, "eos": list(eos), "caps": list(caps),
                    "versions": versions})
-
-
-def tokens(id: int, ids: list[int]) -> bytes:
-    return encode({"t": "tokens", "id": id, "ids": ids})
 
 
 def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=None,

@@ -1,4 +1,4 @@
-"""The worker: load the model, speak protocol v1 (docs/protocol.md), generate.
+"""The worker: load the model, speak protocol v2 (docs/protocol.md), generate.
 
 Threads:
 
@@ -13,9 +13,12 @@ Threads:
   messages drained together go into one ``insert`` call, so their prefill is
   batched; cancels and shutdown are applied at step boundaries (a long prefill
   is cut into ``--prefill-step`` token chunks, one per ``next()``).
-- The reader thread reads and parses frames and queues them, except ``ping``
-  and ``tokenize``, which it answers itself (tokenizers only, no MLX). ``pong``
-  reports values the main thread caches after each step.
+- The reader thread reads and parses frames and queues them, except ``ping``,
+  which it answers itself. It also tokenizes the text or chat messages of a
+  ``gen`` before queueing it (tokenizers only, no MLX), so tokenizing never
+  waits for a decode step and the main thread gets ids; a prompt the
+  tokenizer refuses is answered from here. ``pong`` reports values the main
+  thread caches after each step.
 
 Both threads write through one ``FrameWriter`` (a lock and an ``os.write``
 loop); frames produced in one step are written as one buffer.
@@ -41,7 +44,7 @@ import time
 
 from . import __version__, protocol
 from .channel import FrameReader, FrameWriter
-from .params import InvalidRequest, parse_gen
+from .params import InvalidPrompt, InvalidRequest, parse_gen
 from .protocol import ProtocolError
 from .textstream import TextStream
 
@@ -127,13 +130,15 @@ class Reader(threading.Thread):
                     t = msg["t"]
                     if t == "ping":
                         self.pong(msg)
-                    elif t == "tokenize":
-                        self.tokenize(msg)
                     elif t == "shutdown":
                         self.writer.close()  # send nothing more
                         self.q.put(("exit", EXIT_OK, "shutdown"))
                         return
-                    elif t in ("gen", "cancel"):
+                    elif t == "gen":
+                        _need_id(msg)
+                        if self.tokenize(msg):
+                            work.append(msg)
+                    elif t == "cancel":
                         _need_id(msg)
                         work.append(msg)
                     else:
@@ -159,21 +164,37 @@ class Reader(threading.Thread):
         s = self.shared
         self.writer.write(protocol.pong(seq, s.active, s.mem_active, s.mem_peak, read_rss()))
 
-    def tokenize(self, msg):
-        rid = _need_id(msg)
+    def tokenize(self, msg) -> bool:
+        """Tokenize a gen's text or messages into ``msg[TOKENIZED]``. A gen
+        of prompt ids passes as it is; one without is a text gen (an empty
+        text is omitted on the wire). Reports whether the gen goes on to the
+        main thread; a refusal is answered here."""
+        rid = msg["id"]
         try:
-            answer = protocol.tokens(rid, tokenize(self.tokenizer, msg))
+            if msg.get("prompt"):
+                if "text" in msg or "messages" in msg:
+                    raise InvalidRequest("a gen carries prompt ids or text or messages, not both")
+                return True
+            msg[TOKENIZED] = tokenize(self.tokenizer, msg)
+            return True
         except InvalidRequest as e:
-            answer = protocol.error(rid, "invalid", str(e))
-        except Exception as e:  # tokenizer/template failure, or an oversized answer
-            log(f"tokenize {rid} failed: {e!r}")
-            answer = protocol.error(rid, "invalid", f"tokenize failed: {e}"[:1000])
+            answer = protocol.error(rid, e.code, str(e))
+        except Exception as e:  # tokenizer/template failure
+            log(f"tokenizing the prompt of {rid} failed: {e!r}")
+            answer = protocol.error(rid, InvalidPrompt.code, f"tokenizing the prompt failed: {e}"[:1000])
         self.writer.write(answer)
+        return False
+
+
+# The key under which the reader thread leaves a gen's tokenized prompt (not a
+# wire key: it never leaves the process).
+TOKENIZED = "_prompt_ids"
 
 
 def tokenize(tokenizer, msg) -> list[int]:
-    """Answer a ``tokenize`` message: chat template (with the generation prompt)
-    when ``messages`` is present, else encode ``text`` (``special`` adds BOS)."""
+    """A gen's prompt as ids: the chat template (with the generation prompt)
+    applied to ``messages`` when present, else ``text`` encoded (``special``
+    adds the tokenizer's special tokens, such as BOS)."""
     messages = msg.get("messages") or []
     if messages:
         if not isinstance(messages, list):
@@ -187,7 +208,7 @@ def tokenize(tokenizer, msg) -> list[int]:
                 raise InvalidRequest("message role and content must be strings")
             chat.append({"role": role, "content": content})
         if not getattr(tokenizer, "has_chat_template", False):
-            raise InvalidRequest("the model has no chat template")
+            raise InvalidPrompt("the model has no chat template")
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     else:
         text = msg.get("text", "")
@@ -292,20 +313,25 @@ class Worker:
 
         rid = msg["id"]
         try:
-            p = parse_gen(msg, self.vocab, self.ctx)
+            p = parse_gen(msg, self.vocab, self.ctx, msg.get(TOKENIZED))
             text = TextStream(self.tokenizer.detokenizer, p.stop)
             if p.resume:
                 text.replay(p.resume, p.sent)
-        except (InvalidRequest, ValueError) as e:
+        except InvalidRequest as e:
+            out.append(protocol.error(rid, e.code, str(e)))
+            return
+        except ValueError as e:
             out.append(protocol.error(rid, "invalid", str(e)))
             return
         req = Request(p, text)
         if p.resume:
             # A stop string already complete in the replayed text (should not
             # happen: the previous worker would have stopped) ends it now.
-            if text.stop_pending():
-                rest, _ = text.take()
-                out.append(protocol.done(rid, "stop", req.ptoks, 0, rest))
+            # So does a resume that fills the context (max_tokens cut to 0).
+            stop = text.stop_pending()
+            if stop or p.max_tokens == 0:
+                rest, _ = text.take(final=not stop)
+                out.append(protocol.done(rid, "stop" if stop else "length", req.ptoks, 0, rest))
                 return
         try:
             req.sampler = build_sampler(p, self.vocab)

@@ -4,11 +4,11 @@
 //	go build -o bin/instantworker ./scripts/bench/instantworker
 //	bin/krserve up --worker-exec bin/instantworker --model /tmp ...
 //
-// It speaks protocol v1 (docs/protocol.md) over stdin/stdout like
-// krserve_worker and ignores its arguments. tokenize answers one token per
-// byte of the text (chat messages: of their contents); gen answers max_tokens
-// tok frames of one token each (text " tok") and a done with reason "length",
-// written together as one step would be; cancel is ignored (every request is
+// It speaks the protocol (docs/protocol.md) over stdin/stdout like
+// krserve_worker and ignores its arguments. A gen's text or chat messages
+// count one prompt token per byte of text (of the messages' contents); a gen
+// is answered with max_tokens tok frames of one token each (text " tok") and a
+// done with reason "length", written together as one step would be; cancel is ignored (every request is
 // already done); ping gets a pong; shutdown or EOF ends it. It never runs a
 // model, so whatever CPU krserve spends per request is the supervisor's.
 package main
@@ -82,16 +82,6 @@ func answer(out []byte, m *ipc.Message) ([]byte, error) {
 	switch m.T {
 	case ipc.TPing:
 		return ipc.AppendMessage(out, &ipc.Message{T: ipc.TPong, Seq: m.Seq})
-	case ipc.TTokenize:
-		n := len(m.Text)
-		for _, c := range m.Messages {
-			n += len(c.Content)
-		}
-		ids := make([]int32, max(n, 1))
-		for i := range ids {
-			ids[i] = int32(1 + i%255)
-		}
-		return ipc.AppendMessage(out, &ipc.Message{T: ipc.TTokens, ID: m.ID, IDs: ids})
 	case ipc.TGen:
 		var err error
 		tok := ipc.Message{T: ipc.TTok, ID: m.ID, IDs: []int32{42}, Text: tokText}
@@ -102,7 +92,19 @@ func answer(out []byte, m *ipc.Message) ([]byte, error) {
 			}
 		}
 		return ipc.AppendMessage(out, &ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "length",
-			PToks: len(m.Prompt) + len(m.Resume), CToks: m.MaxTokens})
+			PToks: promptTokens(m) + len(m.Resume), CToks: m.MaxTokens})
 	}
 	return out, nil // cancel: already done
+}
+
+// promptTokens is the prompt's length: its ids, or a token per byte of text.
+func promptTokens(m *ipc.Message) int {
+	if len(m.Prompt) > 0 {
+		return len(m.Prompt)
+	}
+	n := len(m.Text)
+	for _, c := range m.Messages {
+		n += len(c.Content)
+	}
+	return max(n, 1)
 }
