@@ -56,6 +56,7 @@ type upConfig struct {
 	RecycleRSSMB              int
 	PrefillStep               int
 	PrefillBatch              int
+	Dequantize                string
 	WorkerExec                string
 	API                       api.Config
 }
@@ -117,6 +118,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.RecycleRSSMB, "recycle-rss-mb", 0, "replace a worker whose resident memory passes this (0: never)")
 	f.IntVar(&c.PrefillStep, "prefill-step", 512, "prompt tokens per prefill step in the worker (smaller: faster cancel)")
 	f.IntVar(&c.PrefillBatch, "prefill-batch", 0, "prompts a worker prefills in one step (0: as many as it decodes at once, so a burst of arrivals is prefilled together; less: shorter stalls of running streams)")
+	f.StringVar(&c.Dequantize, "dequantize", "auto", "auto, on or off: workers hold a quantized model's weights as float32 (auto: on mlx's CPU device with OpenBLAS, when they fit in a quarter of memory; float32 matmuls are far faster there than quantized ones)")
 	f.StringVar(&c.API.ModelName, "served-model-name", "default", "model id clients use (the model path is accepted too)")
 	f.IntVar(&c.API.MaxTokens, "max-tokens-cap", c.API.MaxTokens, "largest max_tokens a request may ask for")
 	f.IntVar(&c.API.DefaultMaxTokens, "default-max-tokens", c.API.DefaultMaxTokens, "max_tokens when a request names none")
@@ -241,6 +243,9 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.PrefillBatch < 0 {
 		return fmt.Errorf("--prefill-batch must be at least 0 (0: the batch size); got %d", c.PrefillBatch)
 	}
+	if c.Dequantize != "auto" && c.Dequantize != "on" && c.Dequantize != "off" {
+		return fmt.Errorf("--dequantize must be auto, on or off; got %q", c.Dequantize)
+	}
 	if tune.Min < 1 || tune.Max < tune.Min {
 		return fmt.Errorf("auto-tune bounds [%d, %d] are not a valid range", tune.Min, tune.Max)
 	}
@@ -267,7 +272,7 @@ func runUp(parent context.Context, c upConfig) error {
 	pcfg.Command = func(slot int) supervisor.Command {
 		args := []string{"-m", "krserve_worker", "--model", model,
 			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep),
-			"--prefill-batch", strconv.Itoa(prefillBatch)}
+			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
 		if c.WorkerExec != "" {
 			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
 		}
