@@ -275,7 +275,18 @@ def main(argv=None):
     )
     ap.add_argument("--name", default="")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--dequantize", choices=("auto", "on", "off"), default="off",
+                    help="as krserve's worker: hold a quantized model as float32 (default off: as stored)")
     args = ap.parse_args(argv)
+
+    # The BLAS krserve's worker uses (OpenBLAS from the venv, on Linux), loaded
+    # the same way, before mlx: the baseline does the same arithmetic.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "worker-py"))
+    from krserve_worker import blas
+    from krserve_worker.worker import dequantize_for_cpu
+
+    blas_info = blas.load()
+    print(f"in-process: BLAS: {blas_info}", file=sys.stderr, flush=True)
 
     import mlx.core as mx
     import mlx_lm
@@ -287,7 +298,10 @@ def main(argv=None):
 
     t_load = time.perf_counter()
     model, tokenizer = load(args.model)
+    weights = dequantize_for_cpu(model, args.dequantize, fast_blas=blas_info.startswith("OpenBLAS"),
+                                 on_cpu=mx.default_device().type == mx.cpu)
     load_s = time.perf_counter() - t_load
+    print(f"in-process: weights: {weights}", file=sys.stderr, flush=True)
     sampler = make_sampler(temp=0.0)
     processors = [make_eos_mask(sorted(tokenizer.eos_token_ids))] if args.ignore_eos else None
 
@@ -358,6 +372,8 @@ def main(argv=None):
             mlx_lm=getattr(mlx_lm, "__version__", "?"),
             python=platform.python_version(),
             platform=platform.platform(),
+            blas=blas_info,
+            weights=weights,
             device=device,
             load_s=load_s,
             **model_info(args.model),

@@ -87,6 +87,8 @@ def free_port() -> int:
 def child_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # krserve_worker.blas (OpenBLAS before mlx, for every engine) must be importable.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "worker-py")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.pop("http_proxy", None)
     env.pop("HTTP_PROXY", None)
     return env
@@ -249,7 +251,8 @@ class Runner:
         cmd = [a.python, str(HERE / "inprocess.py"), "--model", a.model, "--questions", a.questions,
                "--max-tokens", str(a.max_tokens), "--json", str(jsonpath),
                "--warmup", str(self.n_questions if a.warm_pass else a.warmup),
-               "--name", LABELS["inprocess"], "--engine", a.inprocess_engine, "--quiet"]
+               "--name", LABELS["inprocess"], "--engine", a.inprocess_engine, "--quiet",
+               "--dequantize", a.dequantize]
         if a.seq_requests:
             cmd += ["--requests", str(a.seq_requests)]
         if a.ignore_eos:
@@ -490,6 +493,11 @@ def environment(args) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     try:
+        b = subprocess.run([args.python, "-c", "from krserve_worker import blas; print(blas.load())"],
+                           capture_output=True, text=True, timeout=60, env=child_env()).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        b = "?"
+    try:
         v = subprocess.run([args.python, "-c", "import mlx.core as mx, mlx_lm; print(mx.__version__, mlx_lm.__version__, mx.default_device())"],
                            capture_output=True, text=True, timeout=60, env=child_env()).stdout.strip().split(maxsplit=2)
     except (OSError, subprocess.SubprocessError):
@@ -498,6 +506,7 @@ def environment(args) -> list[str]:
     lines += [
         f"- model: `{args.model}` ({info.get('model_type')}, quantization: {info.get('quantization')})",
         f"- mlx {v[0] if v else '?'}, mlx-lm {v[1] if len(v) > 1 else '?'}, device {v[2] if len(v) > 2 else '?'}",
+        f"- BLAS (every engine): {b}; quantized weights: {'as stored' if args.dequantize == 'off' else 'krserve and in-process --dequantize ' + args.dequantize + ' (mlx_lm.server: as stored)'}",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         f"- krserve: `{args.krserve}` at commit {commit}; load generator: `{args.bench} bench`",
         f"- in-process engine: mlx-lm {args.inprocess_engine}\n"
@@ -592,6 +601,9 @@ def parse_args(argv=None):
                     help="in-process loop: mlx-lm stream_generate (kr-serve-mlx's baseline) or a BatchGenerator with "
                     "one sequence (the loop of mlx_lm.server and krserve's worker)")
     ap.add_argument("--workers", type=int, default=1, help="krserve --workers")
+    ap.add_argument("--dequantize", choices=("auto", "on", "off"), default="off",
+                    help="krserve's and in-process's --dequantize (default off: every engine holds the model as "
+                    "stored; mlx_lm.server has no such option)")
     ap.add_argument("--krserve-model-name", default="default", help="model id sent to krserve")
     ap.add_argument("--krserve-args", default="", help="extra arguments for `krserve up` (shell words)")
     ap.add_argument("--mlx-server-args", default="", help="extra arguments for mlx_lm.server (shell words)")
@@ -646,7 +658,8 @@ def main(argv=None) -> int:
     try:
         if "mlx" in args.targets:
             port = free_port()
-            cmd = [args.python, "-m", "mlx_lm", "server", "--model", args.model, "--host", "127.0.0.1",
+            # Through krserve_worker.blas: the same BLAS as krserve's worker and in-process.
+            cmd = [args.python, "-m", "krserve_worker.blas", "mlx_lm", "server", "--model", args.model, "--host", "127.0.0.1",
                    "--port", str(port), "--max-tokens", str(args.max_tokens), "--temp", "0",
                    "--decode-concurrency", str(max(args.levels + [32])), "--log-level", "WARNING"]
             cmd += shlex.split(args.mlx_server_args)
@@ -654,7 +667,8 @@ def main(argv=None) -> int:
         if "krserve" in args.targets:
             port = free_port()
             cmd = [args.krserve, "up", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
-                   "--workers", str(args.workers), "--log-level", "warn"] + shlex.split(args.krserve_args)
+                   "--workers", str(args.workers), "--log-level", "warn", "--dequantize", args.dequantize]
+            cmd += shlex.split(args.krserve_args)
             servers["krserve"] = Server("krserve", cmd, port, out / "krserve.server.log")
         for s in servers.values():
             runner.cmdlog.write("# server: " + shlex.join(s.cmd) + "\n")
