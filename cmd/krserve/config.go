@@ -123,3 +123,17 @@ func workerEnv(environ []string, offline bool) []string {
 	}
 	return out
 }
+
+// blasThreads shares the CPU cores among the workers' BLAS thread pools
+// (OpenBLAS, krserve_worker/blas.py): unless the user set
+// OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, each worker gets cpus/workers
+// threads (at least one), where OpenBLAS would otherwise start one per core in
+// every worker and have them spin against each other.
+func blasThreads(env []string, cpus, workers int) []string {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "OPENBLAS_NUM_THREADS=") || strings.HasPrefix(kv, "OMP_NUM_THREADS=") {
+			return env
+		}
+	}
+	return append(env, "OPENBLAS_NUM_THREADS="+strconv.Itoa(max(1, cpus/max(1, workers))))
+}

@@ -79,6 +79,34 @@ func TestWorkerEnvIsBuiltNotInherited(t *testing.T) {
 	}
 }
 
+func TestBlasThreadsShareTheCores(t *testing.T) {
+	for _, tc := range []struct {
+		env           []string
+		cpus, workers int
+		want          string
+	}{
+		{[]string{"PATH=/bin"}, 16, 4, "OPENBLAS_NUM_THREADS=4"},
+		{[]string{"PATH=/bin"}, 2, 1, "OPENBLAS_NUM_THREADS=2"},
+		{[]string{"PATH=/bin"}, 2, 3, "OPENBLAS_NUM_THREADS=1"},
+		{[]string{"OPENBLAS_NUM_THREADS=7"}, 16, 4, "OPENBLAS_NUM_THREADS=7"},
+		{[]string{"OMP_NUM_THREADS=3"}, 16, 4, "OMP_NUM_THREADS=3"},
+	} {
+		got := blasThreads(tc.env, tc.cpus, tc.workers)
+		if !slices.Contains(got, tc.want) {
+			t.Errorf("blasThreads(%v, %d, %d) = %v, want %s in it", tc.env, tc.cpus, tc.workers, got, tc.want)
+		}
+		n := 0
+		for _, kv := range got {
+			if strings.HasPrefix(kv, "OPENBLAS_NUM_THREADS=") || strings.HasPrefix(kv, "OMP_NUM_THREADS=") {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Errorf("blasThreads(%v) = %v: %d thread settings, want 1", tc.env, got, n)
+		}
+	}
+}
+
 // TestUpRefusesBadSettings: impossible settings stop `krserve up` before any
 // worker starts, with an error naming the flag.
 func TestUpRefusesBadSettings(t *testing.T) {

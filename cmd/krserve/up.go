@@ -208,7 +208,7 @@ func runUp(parent context.Context, c upConfig) error {
 	defer stopSignals()
 
 	python := findPython(c.Python)
-	env := workerEnv(os.Environ(), !c.AllowOnline)
+	env := blasThreads(workerEnv(os.Environ(), !c.AllowOnline), runtime.NumCPU(), c.Workers)
 	model := c.Model
 	if model == "" {
 		t0 := time.Now()
