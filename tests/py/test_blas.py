@@ -174,3 +174,18 @@ def test_dequantize_float_model_untouched(ref):
 
     model, _ = ref
     assert dequantize_for_cpu(model, "on", fast_blas=True, on_cpu=True) == "model not quantized"
+
+
+@pytest.mark.parametrize("bits, group", [(2, 32), (4, 32), (4, 64), (8, 32), (8, 128), (3, 32), (6, 64)])
+def test_dequantized_weight_matches_mlx(bits, group):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from krserve_worker.worker import _dequantized_weight
+
+    lin = nn.Linear(256, 48)
+    q = nn.QuantizedLinear.from_linear(lin, group_size=group, bits=bits)
+    got = _dequantized_weight(q)
+    want = mx.dequantize(q.weight, q.scales, q.biases, group, bits)
+    assert got.dtype == mx.float32 and got.shape == (48, 256)
+    assert mx.allclose(got, want.astype(mx.float32), rtol=1e-6, atol=1e-6).item()

@@ -129,12 +129,50 @@ def dequantize_for_cpu(model, setting: str, *, fast_blas: bool, on_cpu: bool,
         if memory and need > memory // 4:
             return (f"kept quantized (float32 weights would take {need / 2**30:.1f} GiB, "
                     f"over a quarter of {memory / 2**30:.1f} GiB)")
-    from mlx_lm.utils import dequantize_model
+    from mlx.utils import tree_unflatten
 
-    dequantize_model(model)
+    layers = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                or type(m).__name__ == "QuantizedSwitchLinear"):
+            continue
+        w = _dequantized_weight(m)
+        mx.eval(w)  # one layer at a time: the peak is one layer, not the model
+        if isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(w.shape[0], w.shape[1])
+        elif isinstance(m, nn.QuantizedLinear):
+            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+        else:
+            from mlx_lm.models.switch_layers import SwitchLinear
+
+            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+        new.weight = w
+        if "bias" in m:
+            new.bias = m.bias
+        layers.append((name, new))
+    model.update_modules(tree_unflatten(layers))
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return f"dequantized {len(quantized)} layers to float32 ({need / 2**20:.0f} MiB)"
+
+
+def _dequantized_weight(m):
+    """A quantized layer's weight as float32: ``q * scale + bias`` per group for
+    mlx's affine 2/4/8-bit packing (computed in float32, ~3x faster on the CPU
+    than ``mx.dequantize``, which also rounds to the scales' float16), else
+    ``mx.dequantize``."""
+    import mlx.core as mx
+
+    mode = getattr(m, "mode", "affine")
+    biases = getattr(m, "biases", None)
+    if mode == "affine" and m.bits in (2, 4, 8) and biases is not None:
+        w = m.weight
+        shifts = mx.arange(0, 32, m.bits, dtype=mx.uint32)
+        q = mx.right_shift(w[..., None], shifts) & ((1 << m.bits) - 1)
+        q = q.reshape(*w.shape[:-1], -1, m.group_size).astype(mx.float32)
+        out = q * m.scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
+        return out.reshape(*w.shape[:-1], -1)
+    return mx.dequantize(m.weight, m.scales, biases, m.group_size, m.bits, mode=mode).astype(mx.float32)
 
 
 def read_rss() -> int:
