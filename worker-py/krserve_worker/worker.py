@@ -98,7 +98,7 @@ def dequantize_for_cpu(model, setting: str, *, fast_blas: bool, on_cpu: bool,
     reference BLAS), while float32 matmuls go to BLAS: with OpenBLAS loaded
     (krserve_worker.blas), SmolLM2-135M Q4_1 prefills ~9x and decodes ~2x
     faster dequantized. The values are the quantized ones exactly
-    (``mx.dequantize``), so only the summation order changes. ``auto`` does it
+    (:func:`_dequantized_weight`), so only the summation order changes. ``auto`` does it
     on the CPU device with OpenBLAS when float32 weights fit in a quarter of
     physical memory; on a GPU (Metal, CUDA) quantized kernels are the fast
     path, so ``auto`` leaves the model alone. Returns what was done, for logs.
@@ -107,17 +107,14 @@ def dequantize_for_cpu(model, setting: str, *, fast_blas: bool, on_cpu: bool,
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    quantized = [m for _, m in model.named_modules()
+    quantized = [(name, m) for name, m in model.named_modules()
                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                  or type(m).__name__ == "QuantizedSwitchLinear"]
     if not quantized:
         return "model not quantized"
     if setting == "off":
         return "kept quantized (--dequantize off)"
-    n = 0
-    for m in quantized:
-        w = m.weight
-        n += w.size * (32 // m.bits)
+    n = sum(m.weight.size * 32 // m.bits for _, m in quantized)
     need = 4 * (n + sum(v.size for k, v in tree_flatten(model.parameters())
                         if not k.endswith((".weight", ".scales", ".biases"))))
     if setting == "auto":
@@ -132,10 +129,7 @@ def dequantize_for_cpu(model, setting: str, *, fast_blas: bool, on_cpu: bool,
     from mlx.utils import tree_unflatten
 
     layers = []
-    for name, m in model.named_modules():
-        if not (isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                or type(m).__name__ == "QuantizedSwitchLinear"):
-            continue
+    for name, m in quantized:
         w = _dequantized_weight(m)
         mx.eval(w)  # one layer at a time: the peak is one layer, not the model
         if isinstance(m, nn.QuantizedEmbedding):
