@@ -337,6 +337,39 @@ def test_resume_with_stop_string_across_the_boundary(worker, prompts, new_id):
     assert resume + rest["ids"] == stopped["ids"]
 
 
+@pytest.mark.parametrize("hold", ["stop-prefix", "none"])
+def test_resume_with_no_token_left_flushes_held_back_text(worker, prompts, new_id, hold):
+    """A worker that died after streaming the last token but before done held
+    back text (here the start of a stop string). The supervisor resumes the
+    request with max_tokens 0: the new worker generates nothing and flushes
+    that text over the delivered ids."""
+    p, n = prompts[0], 12
+    full = run(worker, new_id(), p, n, logit_bias=NO_EOS)
+    kw = {}
+    if hold == "stop-prefix":
+        kw["stop"] = [full["text"][-1] + "\x00never"]  # the last char is held until done
+    held = run(worker, new_id(), p, n, logit_bias=NO_EOS, **kw)
+    toks = [f for f in held["frames"] if f["t"] == "tok"]
+    resume, delivered = _sent_after(held["frames"], len(toks))
+    assert resume == full["ids"]
+    if hold == "stop-prefix":
+        assert delivered == full["text"][:-1], "the test needs text held back until done"
+    rest = run(worker, new_id(), p, 0, logit_bias=NO_EOS, resume=resume,
+               sent=len(delivered.encode("utf-8")), **kw)
+    assert rest["ids"] == []
+    assert delivered + rest["text"] == full["text"]
+    assert rest["last"]["reason"] == "length"
+    assert rest["last"].get("ctoks", 0) == 0  # zero is omitted on the wire
+
+
+def test_max_tokens_zero_without_resume_is_invalid(worker, new_id):
+    rid = new_id()
+    worker.send(gen(rid, [5, 6], 0))
+    frames = worker.collect(rid)
+    assert frames[-1]["t"] == "error" and frames[-1]["code"] == "invalid"
+    assert "max_tokens" in frames[-1]["msg"]
+
+
 def test_resume_sent_beyond_text_is_invalid(worker, new_id):
     rid = new_id()
     worker.send(gen(rid, [5, 6], 4, resume=[7], sent=10000))

@@ -104,7 +104,8 @@ def parse_gen(msg: dict, vocab: int, ctx: int = 0, prompt: list[int] | None = No
 
     ``max_tokens`` is cut to what the context leaves after the prompt and the
     resumed tokens. A resume that fills the context leaves 0: the request is
-    complete ("length"). A prompt alone that fills it is refused."""
+    complete ("length"), and so is a resume that asks for 0. A prompt alone
+    that fills it is refused."""
     rid = msg["id"]
     if prompt is None:
         prompt = _token_list(msg, "prompt", vocab)
@@ -114,8 +115,11 @@ def parse_gen(msg: dict, vocab: int, ctx: int = 0, prompt: list[int] | None = No
         raise InvalidPrompt("the prompt is empty after tokenization")
     resume = _token_list(msg, "resume", vocab)
     max_tokens = _int(msg, "max_tokens")
-    if max_tokens < 1:
-        raise InvalidRequest("max_tokens must be >= 1")
+    # A resume may ask for no new token: its worker died after streaming the
+    # last one but before done, and this worker only flushes the text the
+    # dead one held back (a partial character, a stop-string prefix).
+    if max_tokens < 1 and not (max_tokens == 0 and resume):
+        raise InvalidRequest("max_tokens must be >= 1 (0 only with resume)")
     if ctx:
         if len(prompt) >= ctx:
             raise ContextLengthExceeded(ctx, len(prompt))

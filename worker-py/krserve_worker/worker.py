@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 
-from . import __version__, blas, protocol
+from . import __version__, blas, faults, protocol
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
 from .protocol import ProtocolError
@@ -316,7 +316,7 @@ def tokenize(tokenizer, msg) -> list[int]:
 
 
 class Request:
-    __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors")
+    __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors", "fault")
 
     def __init__(self, p, text: TextStream):
         self.p = p
@@ -326,11 +326,12 @@ class Request:
         self.ctoks = 0
         self.sampler = None
         self.processors = []
+        self.fault = None  # faults.Armed, only under KRSERVE_WORKER_FAULT
 
 
 class Worker:
     def __init__(self, model, tokenizer, *, vocab: int, ctx: int, args, writer: FrameWriter,
-                 shared: Shared, q: queue.Queue):
+                 shared: Shared, q: queue.Queue, faults: faults.Faults | None = None):
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
 
@@ -366,6 +367,7 @@ class Worker:
         self.by_uid: dict[int, Request] = {}
         self.pending: list[Request] = []  # validated, not yet inserted
         self.noise = os.environ.get("KRSERVE_WORKER_NOISE") == "1"
+        self.faults = faults
         self._libc = None
         self.tok_cache: dict[int, str] = {}  # token id -> its text (logprobs)
         self.publish()
@@ -415,14 +417,20 @@ class Worker:
             out.append(protocol.error(rid, "invalid", str(e)))
             return
         req = Request(p, text)
+        if self.faults:
+            req.fault = self.faults.arm(msg)
         if p.resume:
-            # A stop string already complete in the replayed text (should not
-            # happen: the previous worker would have stopped) ends it now.
-            # So does a resume that fills the context (max_tokens cut to 0).
+            # A stop string already complete in the replayed text (the
+            # previous worker died between the token that completed it and
+            # its done) ends it now. So does a resume with no token left to
+            # generate (it asked for none, or it fills the context): the text
+            # the dead worker held back is flushed.
             stop = text.stop_pending()
             if stop or p.max_tokens == 0:
-                rest, _ = text.take(final=not stop)
-                out.append(protocol.done(rid, "stop" if stop else "length", req.ptoks, 0, rest))
+                if not stop:
+                    text.finalize()
+                rest, stopped = text.take(final=True)
+                out.append(protocol.done(rid, "stop" if stopped else "length", req.ptoks, 0, rest))
                 return
         try:
             req.sampler = build_sampler(p, self.vocab)
@@ -447,6 +455,9 @@ class Worker:
     def insert_pending(self, out):
         if not self.pending:
             return
+        for r in self.pending:
+            if r.fault:
+                r.fault.on_start()
         if (self.single_fast_path and not self.reqs and len(self.pending) == 1
                 and len(self.pending[0].p.prompt) + len(self.pending[0].p.resume) <= self.prefill_step):
             # Alone, and a prompt prefilled in one step anyway (a longer one
@@ -558,6 +569,10 @@ class Worker:
             out.append(protocol.tok(rid, [token], text, lps=[chosen], toks=[tok_text],
                                     top_lps=[top_lps] if top_lps else None,
                                     top_toks=[top_toks] if top_toks else None))
+        if req.fault and req.fault.after_token(req.ctoks):
+            self.write(out)  # the token reaches the supervisor; its done does not
+            out.clear()
+            faults.crash(f"segv-after-tokens: request {rid} after {req.ctoks} token(s)")
         if stopped:
             out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks))
             self.finish(req, remove=finish_reason is None)
@@ -691,10 +706,14 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         f"eos {sorted(tokenizer.eos_token_ids)}; {mx.default_device()}, BLAS: {blas_info}; "
         f"weights: {weights}")
 
+    try:
+        injected = faults.Faults.from_env(os.environ, tokenizer)
+    except faults.FaultSpecError as e:
+        return fatal(str(e), EXIT_LOAD)
     shared = Shared()
     q: queue.Queue = queue.Queue()
     worker = Worker(model, tokenizer, vocab=vocab, ctx=ctx, args=args, writer=writer,
-                    shared=shared, q=q)
+                    shared=shared, q=q, faults=injected)
     writer.write(protocol.hello(
         pid=os.getpid(), model=args.model, ctx=ctx, vocab=vocab,
         eos=sorted(worker.eos), caps=protocol.CAPS,
