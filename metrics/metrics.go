@@ -161,6 +161,11 @@ type Metrics struct {
 	RequestsLost      prometheus.Counter
 	ClientDisconnects prometheus.Counter
 
+	RequestsSuspected   prometheus.Counter
+	Probations          prometheus.Counter
+	RequestsOnProbation prometheus.Gauge
+	RequestsPoisoned    prometheus.Counter
+
 	IPCRoundTrip prometheus.Histogram // ping→pong seconds
 
 	buildInfo   prometheus.Gauge // krserve_build_info, always 1
@@ -287,7 +292,15 @@ func New(model ModelInfo, build BuildInfo) *Metrics {
 	m.RequestsResumed = counter("requests_resumed_total",
 		"Requests continued on another worker after a failure mid-generation.")
 	m.RequestsLost = counter("requests_lost_total",
-		"Requests that failed because their worker died and could be neither retried nor resumed.")
+		"Requests that failed because of worker crashes: declared poison, or past --max-crashes.")
+	m.RequestsSuspected = counter("requests_suspected_total",
+		"Requests made suspects: in flight on a worker that died. Each is retried or resumed alone on a worker (probation).")
+	m.Probations = counter("probations_total",
+		"Suspects dispatched alone to a worker (probation); a request may be on probation more than once.")
+	m.RequestsOnProbation = gauge("requests_on_probation",
+		"Suspects running alone on a worker now.")
+	m.RequestsPoisoned = counter("requests_poisoned_total",
+		"Requests declared poison and failed: a worker died while running them alone on probation (--poison-after times).")
 	m.ClientDisconnects = counter("client_disconnects_total",
 		"Requests whose client went away before the response finished.")
 	m.IPCRoundTrip = histogram("ipc_roundtrip_seconds",

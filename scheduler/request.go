@@ -111,8 +111,11 @@ type Request struct {
 	// Owned by the scheduler (under its mutex).
 	generated    []int32
 	sentBytes    int
-	crashes      int
-	slot         int // -1 while queued
+	crashes      int  // worker crashes lived through
+	suspect      bool // in flight during a crash and not yet cleared by probation
+	crashAt      int  // tokens generated when its worker last died
+	aloneCrashes int  // crashes of a worker that ran it alone (probation)
+	slot         int  // -1 while queued
 	cancelled    bool
 	finished     bool
 	dispatched   time.Time

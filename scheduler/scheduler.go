@@ -1,6 +1,7 @@
 // Package scheduler owns admission and batching: the bounded queue, the
 // batching window, how many sequences each worker decodes at once (B), and the
-// fate of requests whose worker dies (retry, resume or quarantine).
+// fate of requests whose worker dies (retry or resume on probation, and the
+// verdict on a request that crashes workers: probation.go).
 //
 // Workers are Backends: anything that accepts a batch of encoded frames. The
 // supervisor registers a worker with AddWorker once it said hello, routes every
@@ -12,6 +13,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"log/slog"
 	"math"
 	"slices"
 	"strconv"
@@ -33,22 +35,34 @@ type Config struct {
 	Window         time.Duration // gather arrivals this long before a batched dispatch
 	MaxQueue       int           // requests waiting
 	MaxQueueTokens int           // prompt tokens waiting
-	MaxCrashes     int           // a request in flight during this many worker crashes fails
-	TuneEvery      time.Duration // auto-tuner evaluation period
-	Tune           TuneConfig
-	Now            func() time.Time
+	// MaxCrashes bounds the worker crashes one request may live through,
+	// whatever caused them, so nothing is retried for ever (a livelock guard;
+	// an innocent request is never failed by fewer).
+	MaxCrashes int
+	// PoisonAfter is how many times a suspect may crash the worker it runs
+	// alone on (probation) before it is declared poison and failed.
+	PoisonAfter int
+	// ProbationTokens is how many tokens past its crash point a suspect must
+	// produce alone before it is cleared and rejoins batching.
+	ProbationTokens int
+	TuneEvery       time.Duration // auto-tuner evaluation period
+	Tune            TuneConfig
+	Now             func() time.Time
+	Log             *slog.Logger // poison verdicts; nil: discarded
 }
 
 // DefaultConfig returns the defaults documented in the README.
 func DefaultConfig() Config {
 	return Config{
-		Window:         2 * time.Millisecond,
-		MaxQueue:       256,
-		MaxQueueTokens: 1 << 20,
-		MaxCrashes:     2,
-		TuneEvery:      200 * time.Millisecond,
-		Tune:           DefaultTuneConfig(),
-		Now:            time.Now,
+		Window:          2 * time.Millisecond,
+		MaxQueue:        256,
+		MaxQueueTokens:  1 << 20,
+		MaxCrashes:      8,
+		PoisonAfter:     1,
+		ProbationTokens: 2,
+		TuneEvery:       200 * time.Millisecond,
+		Tune:            DefaultTuneConfig(),
+		Now:             time.Now,
 	}
 }
 
@@ -60,6 +74,8 @@ type slot struct {
 	draining     bool
 	lastProgress time.Time
 	served       int
+	probation    *Request // a suspect running alone here: the slot takes nothing else
+	reserved     bool     // kept for a waiting suspect: takes no new request until empty
 }
 
 // Scheduler is safe for concurrent use. Run must be running for dispatch.
@@ -83,6 +99,8 @@ type Scheduler struct {
 	avgService  float64       // EMA of seconds from dispatch to done
 	windowWaits int
 	dispatches  int
+	poisoned    int    // requests declared poison
+	lastPoison  string // the last verdict's reason
 }
 
 // New builds a scheduler. m and st receive its measurements.
@@ -90,8 +108,11 @@ func New(cfg Config, m *metrics.Metrics, st *metrics.Stats) *Scheduler {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	if cfg.MaxCrashes < 1 {
-		cfg.MaxCrashes = 1
+	cfg.MaxCrashes = max(cfg.MaxCrashes, 1)
+	cfg.PoisonAfter = max(cfg.PoisonAfter, 1)
+	cfg.ProbationTokens = max(cfg.ProbationTokens, 1)
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	s := &Scheduler{
 		cfg:   cfg,
@@ -155,7 +176,7 @@ func (s *Scheduler) Submit(r *Request) error {
 
 func (s *Scheduler) idleWorkerLocked() bool {
 	for _, sl := range s.slots {
-		if !sl.draining && len(sl.inflight) == 0 {
+		if sl.open() && len(sl.inflight) == 0 {
 			return true
 		}
 	}
@@ -256,9 +277,11 @@ func (s *Scheduler) WorkerLoad(id int) (inflight, served int, lastProgress time.
 	return len(sl.inflight), sl.served, sl.lastProgress
 }
 
-// RemoveWorker takes a dead worker out. Its requests are retried (nothing
-// streamed yet), resumed (tokens already streamed) or, after MaxCrashes,
-// failed with worker_crash. cause describes the death for error messages.
+// RemoveWorker takes a dead worker out. Every request it was running becomes
+// a suspect and goes back to the head of the queue, to be retried (nothing
+// streamed yet) or resumed (tokens already streamed) alone on a worker
+// (probation.go); one that crashed its worker while alone is declared poison
+// and fails. cause describes the death for error messages.
 func (s *Scheduler) RemoveWorker(id int, cause string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -268,30 +291,18 @@ func (s *Scheduler) RemoveWorker(id int, cause string) {
 	}
 	delete(s.slots, id)
 	s.m.BatchSize.DeleteLabelValues(sl.label)
+	if sl.probation != nil {
+		s.m.RequestsOnProbation.Dec()
+	}
 	var back []*Request
 	for _, r := range sl.inflight {
 		r.slot = -1
 		if r.cancelled || r.finished {
 			continue
 		}
-		if len(r.generated) > 0 && len(r.generated) >= r.Params.MaxTokens {
-			// Every token was streamed; only the worker's done was lost. A
-			// resume would ask for max_tokens 0, which the worker refuses.
-			s.completeLocked(r, "length", s.cfg.Now())
-			continue
+		if s.crashLocked(r, sl.probation == r, cause) {
+			back = append(back, r)
 		}
-		r.crashes++
-		if r.crashes >= s.cfg.MaxCrashes {
-			s.failLocked(r, &Error{Reason: ReasonWorkerCrash, Msg: fmt.Sprintf("request was in flight during %d worker crashes (last: %s); not retried again", r.crashes, cause)})
-			continue
-		}
-		if len(r.generated) > 0 {
-			r.lastToken = time.Time{} // the crash's pause is no inter-token gap
-			s.m.RequestsResumed.Inc()
-		} else {
-			s.m.RequestsRetried.Inc()
-		}
-		back = append(back, r)
 	}
 	s.m.NumRequestsRunning.Sub(float64(len(sl.inflight)))
 	// Back at the head of the queue, oldest first. inflight is a map, so
@@ -329,6 +340,9 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 			return err
 		}
 		s.onTokensLocked(r, m.IDs, m.Text, logprobs(m), now)
+		if sl.probation == r && len(r.generated) >= r.crashAt+s.cfg.ProbationTokens {
+			s.endProbationLocked(sl)
+		}
 	case ipc.TDone:
 		if m.Text != "" || len(m.IDs) > 0 {
 			s.onTokensLocked(r, m.IDs, m.Text, nil, now)
@@ -405,6 +419,9 @@ func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []T
 }
 
 func (s *Scheduler) releaseLocked(sl *slot, r *Request, now time.Time) {
+	if sl.probation == r {
+		s.endProbationLocked(sl)
+	}
 	delete(sl.inflight, r.ID)
 	sl.served++
 	r.slot = -1
@@ -488,14 +505,15 @@ func (s *Scheduler) evaluateTuner() {
 // the open batching window closes (0: nothing to wait for).
 func (s *Scheduler) dispatchLocked(now time.Time) time.Duration {
 	b := s.tune.B()
+	s.reserveLocked()
 	free, idle := 0, false
 	for _, sl := range s.slots {
-		if sl.draining {
-			continue
-		}
-		free += max(0, b-len(sl.inflight))
-		if len(sl.inflight) == 0 {
-			idle = true
+		switch {
+		case sl.open():
+			free += max(0, b-len(sl.inflight))
+			idle = idle || len(sl.inflight) == 0
+		case sl.reserved && len(sl.inflight) == 0 && !sl.draining:
+			free++ // room for one suspect
 		}
 	}
 	if len(s.queue) == 0 || free == 0 {
@@ -521,8 +539,11 @@ func (s *Scheduler) dispatchLocked(now time.Time) time.Duration {
 	return 0
 }
 
-// assignLocked moves queued requests to the workers with the most free slots
-// (ties: round robin), one batch of frames per worker.
+// assignLocked moves queued requests to workers, one batch of frames per
+// worker: a suspect to an empty reserved worker, where it runs alone; every
+// other request, in queue order, to the open worker with the most free slots
+// (ties: round robin). Suspects that find no empty worker keep their place
+// at the head of the queue and do not hold up the others.
 func (s *Scheduler) assignLocked(now time.Time, b int) {
 	ids := make([]int, 0, len(s.slots))
 	for id, sl := range s.slots {
@@ -535,26 +556,26 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 	}
 	slices.Sort(ids)
 	batches := map[int][]*Request{}
-	for len(s.queue) > 0 {
-		best, bestFree := -1, 0
-		for k := range ids {
-			id := ids[(s.rr+k)%len(ids)]
-			sl := s.slots[id]
-			f := b - len(sl.inflight) - len(batches[id])
-			if f > bestFree {
-				best, bestFree = id, f
+	keep := s.queue[:0]
+	full := false
+	for _, r := range s.queue {
+		id := -1
+		if r.suspect {
+			id = s.probationSlotLocked(ids, batches)
+		} else if !full {
+			if id = s.mostFreeLocked(ids, batches, b); id < 0 {
+				full = true
 			}
 		}
-		if best < 0 {
-			break
+		if id < 0 {
+			keep = append(keep, r)
+			continue
 		}
-		s.rr = (s.rr + 1) % len(ids)
-		r := s.queue[0]
-		s.queue[0] = nil
-		s.queue = s.queue[1:]
 		s.queueTokens -= r.queueCost
-		batches[best] = append(batches[best], r)
+		batches[id] = append(batches[id], r)
 	}
+	clear(s.queue[len(keep):])
+	s.queue = keep
 	for id, reqs := range batches {
 		sl := s.slots[id]
 		var frames []byte
@@ -568,6 +589,9 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 			r.dispatched = now
 			r.dispatchToks = 0
 			sl.inflight[r.ID] = r
+			if r.suspect {
+				s.startProbationLocked(sl, r)
+			}
 			s.m.QueueTime.Observe(now.Sub(r.Enqueued).Seconds())
 		}
 		if len(frames) == 0 {
@@ -584,6 +608,26 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 		s.dispatches++
 	}
 	s.m.NumRequestsWaiting.Set(float64(len(s.queue)))
+}
+
+// mostFreeLocked picks the open worker with the most free slots for one more
+// request (ties: round robin from s.rr), or -1 when all are full.
+func (s *Scheduler) mostFreeLocked(ids []int, batches map[int][]*Request, b int) int {
+	best, bestFree := -1, 0
+	for k := range ids {
+		id := ids[(s.rr+k)%len(ids)]
+		sl := s.slots[id]
+		if !sl.open() {
+			continue
+		}
+		if f := b - len(sl.inflight) - len(batches[id]); f > bestFree {
+			best, bestFree = id, f
+		}
+	}
+	if best >= 0 {
+		s.rr = (s.rr + 1) % len(ids)
+	}
+	return best
 }
 
 // Drain refuses new requests from now on and returns a channel closed once
@@ -657,6 +701,13 @@ type State struct {
 	BatchSize     map[string]int `json:"batch_size_per_worker"`
 	InFlight      map[string]int `json:"in_flight_per_worker"`
 	AutoTune      TuneState      `json:"autotune"`
+	// Crash containment (probation.go): suspects waiting for a worker of
+	// their own, suspects running alone, requests declared poison so far and
+	// the reason of the last verdict.
+	Suspects    int    `json:"suspects_waiting"`
+	OnProbation int    `json:"on_probation"`
+	Poisoned    int    `json:"poisoned"`
+	LastPoison  string `json:"last_poison,omitempty"`
 }
 
 // State returns a snapshot.
@@ -666,8 +717,17 @@ func (s *Scheduler) State() State {
 	defer s.mu.Unlock()
 	st := State{QueueRequests: len(s.queue), QueueTokens: s.queueTokens, Draining: s.draining,
 		WindowMS: float64(s.cfg.Window.Microseconds()) / 1000, Dispatches: s.dispatches,
-		BatchSize: map[string]int{}, InFlight: map[string]int{}, AutoTune: tune}
+		BatchSize: map[string]int{}, InFlight: map[string]int{}, AutoTune: tune,
+		Poisoned: s.poisoned, LastPoison: s.lastPoison}
+	for _, r := range s.queue {
+		if r.suspect {
+			st.Suspects++
+		}
+	}
 	for _, sl := range s.slots {
+		if sl.probation != nil {
+			st.OnProbation++
+		}
 		st.Running += len(sl.inflight)
 		st.BatchSize[sl.label] = s.tune.B()
 		st.InFlight[sl.label] = len(sl.inflight)

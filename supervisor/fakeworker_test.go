@@ -395,8 +395,10 @@ func (f *fakeWorker) gen(m ipc.Message, cancel chan struct{}) {
 	if len(m.Prompt) == 0 {
 		m.Prompt = tokenizeBytes(&m)
 	}
-	if len(m.Prompt) == 0 || m.MaxTokens < 1 { // as krserve_worker/params.py
-		f.send(&ipc.Message{T: ipc.TError, ID: m.ID, Code: "invalid", Msg: "max_tokens must be >= 1 and prompt non-empty"})
+	// As krserve_worker/params.py: max_tokens 0 only for a resume, which then
+	// just flushes the text the dead worker held back.
+	if len(m.Prompt) == 0 || m.MaxTokens < 0 || (m.MaxTokens == 0 && len(m.Resume) == 0) {
+		f.send(&ipc.Message{T: ipc.TError, ID: m.ID, Code: "invalid", Msg: "max_tokens must be >= 1 (0 only for a resume) and prompt non-empty"})
 		return
 	}
 	base := m.Prompt[0]

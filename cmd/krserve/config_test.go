@@ -122,6 +122,9 @@ func TestUpRefusesBadSettings(t *testing.T) {
 		{[]string{"--batch-size", "0"}, "--batch-size"},
 		{[]string{"--prefill-step", "0"}, "--prefill-step"},
 		{[]string{"--prefill-batch", "-1"}, "--prefill-batch"},
+		{[]string{"--max-crashes", "0"}, "--max-crashes"},
+		{[]string{"--poison-after", "0"}, "--poison-after"},
+		{[]string{"--probation-tokens", "0"}, "--probation-tokens"},
 		{[]string{"--dequantize", "yes"}, "--dequantize"},
 		{[]string{"--auto-tune", "--auto-tune-min", "8", "--auto-tune-max", "4"}, "auto-tune bounds"},
 	} {

@@ -48,6 +48,8 @@ type upConfig struct {
 	TuneWindow                int
 	MaxQueue, MaxQueueTokens  int
 	MaxCrashes                int
+	PoisonAfter               int
+	ProbationTokens           int
 	StartTimeout              time.Duration
 	Heartbeat, HeartbeatLimit time.Duration
 	ProgressTimeout           time.Duration
@@ -107,7 +109,9 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.TuneWindow, "auto-tune-window", 512, "inter-token gaps the auto-tuner's P99 is taken over (more: steadier, slower)")
 	f.IntVar(&c.MaxQueue, "max-queue", 256, "requests that may wait (429 beyond)")
 	f.IntVar(&c.MaxQueueTokens, "max-queue-tokens", 1<<20, "prompt tokens that may wait (429 beyond)")
-	f.IntVar(&c.MaxCrashes, "max-crashes", 2, "a request in flight during this many worker crashes fails")
+	f.IntVar(&c.MaxCrashes, "max-crashes", 8, "a request that lived through this many worker crashes fails, whatever caused them (bounds retries when the pool keeps dying)")
+	f.IntVar(&c.PoisonAfter, "poison-after", 1, "a request in flight during a crash is retried alone on a worker (probation); one whose worker dies this many times while running it alone is declared poison and fails")
+	f.IntVar(&c.ProbationTokens, "probation-tokens", 2, "tokens past its crash point a suspect must produce alone before it rejoins batching")
 	f.DurationVar(&c.StartTimeout, "start-timeout", 180*time.Second, "time a worker has to load the model and say hello")
 	f.DurationVar(&c.Heartbeat, "heartbeat", time.Second, "heartbeat interval")
 	f.DurationVar(&c.HeartbeatLimit, "heartbeat-timeout", 10*time.Second, "no heartbeat answer for this long: worker is wedged")
@@ -237,6 +241,14 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.BatchSize < 1 {
 		return fmt.Errorf("--batch-size must be at least 1; got %d", c.BatchSize)
 	}
+	for _, v := range []struct {
+		name string
+		n    int
+	}{{"--max-crashes", c.MaxCrashes}, {"--poison-after", c.PoisonAfter}, {"--probation-tokens", c.ProbationTokens}} {
+		if v.n < 1 {
+			return fmt.Errorf("%s must be at least 1; got %d", v.name, v.n)
+		}
+	}
 	if c.PrefillStep < 1 {
 		return fmt.Errorf("--prefill-step must be at least 1; got %d", c.PrefillStep)
 	}
@@ -260,6 +272,7 @@ func runUp(parent context.Context, c upConfig) error {
 	scfg := scheduler.DefaultConfig()
 	scfg.Window = msDuration(c.WindowMS)
 	scfg.MaxQueue, scfg.MaxQueueTokens, scfg.MaxCrashes, scfg.Tune = c.MaxQueue, c.MaxQueueTokens, c.MaxCrashes, tune
+	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
 	sched := scheduler.New(scfg, m, st)
 
 	var ids atomic.Uint64
