@@ -23,10 +23,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     # Two workers: the resumed request can move to the survivor at once.
-    # --max-crashes 3: test_many_requests_survive_repeated_kills kills both
-    # workers in turn, so a request can be in flight during two crashes
-    # (with the default of 2 it would fail, by design).
-    s = Server(model_dir, "--workers", "2", "--heartbeat", "200ms", "--max-crashes", "3")
+    s = Server(model_dir, "--workers", "2", "--heartbeat", "200ms")
     yield s
     assert s.stop() == 0, s.log()
 
@@ -46,10 +43,10 @@ def stream_chunks(url, b):
             yield json.loads(line[6:])
 
 
-def worker_of_running_request(server, exclude=()):
+def worker_of_running_request(server, exclude=(), at_least=1):
     _, st = server.get("/stats")
     for w in st["workers"]:
-        if w["requests_in_flight"] > 0 and w["pid"] not in exclude:
+        if w["requests_in_flight"] >= at_least and w["pid"] not in exclude:
             return w["pid"]
     return None
 
@@ -98,8 +95,10 @@ def test_non_streamed_request_retried_after_crash(server):
 
 
 def test_many_requests_survive_repeated_kills(server):
-    """16 concurrent requests while both workers are killed in turn: all complete,
-    identical to a crash-free run."""
+    """16 concurrent requests while both workers are killed in turn, each
+    while running a batch (a kill of a worker running one suspect alone is
+    what convicts a poison request: test_poison.py): all complete, identical
+    to a crash-free run, though some live through two crashes."""
     prompts = [f"Story number {i}:" for i in range(16)]
     with cf.ThreadPoolExecutor(16) as ex:
         ref = list(ex.map(lambda p: server.post("/v1/completions", body(p, 60, False))[1]["choices"][0]["text"], prompts))
@@ -112,7 +111,7 @@ def test_many_requests_survive_repeated_kills(server):
             while pid is None and time.monotonic() < deadline:
                 # /stats may still list a killed worker until its exit is
                 # handled: never pick the same process twice.
-                pid = worker_of_running_request(server, exclude=killed)
+                pid = worker_of_running_request(server, exclude=killed, at_least=2)
             if pid:
                 killed.add(pid)
                 os.kill(pid, signal.SIGKILL)
