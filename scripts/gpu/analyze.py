@@ -9,9 +9,10 @@ that run_on_device.sh bench writes), probe.json and torch_ceiling.json.
 Decode rate of one request = (tokens - 1) / (end-to-end - TTFT): the token rate
 after the first token, i.e. without prefill. Bandwidth limit = bytes of weights
 read per token (every weight once: the 28 layers and the tied 128256 x 3072
-embedding used as lm_head) over the card's bandwidth: the datasheet's 3.35 TB/s
-(H100 SXM5 80GB HBM3) and the read bandwidth measured on this card (torch sum
-of 4 GiB).
+embedding used as lm_head) over the card's bandwidth: the datasheet's (looked up
+from the card's name in torch_ceiling.json or probe.json: H100 SXM 3.35 TB/s,
+H200 4.8 TB/s; KRSERVE_DATASHEET_TBS overrides) and the read bandwidth measured
+on this card (torch sum of 4 GiB).
 """
 
 import json
@@ -20,7 +21,18 @@ import statistics
 import sys
 
 LABEL = {"inprocess": "in-process mlx-lm", "mlx": "mlx_lm.server", "krserve": "krserve"}
-DATASHEET_TBS = 3.35
+# HBM bandwidth from NVIDIA's datasheets, by a substring of the device name.
+DATASHEETS_TBS = {"H200": 4.8, "H100": 3.35}
+
+
+def datasheet_tbs(*names: str) -> float | None:
+    if os.environ.get("KRSERVE_DATASHEET_TBS"):
+        return float(os.environ["KRSERVE_DATASHEET_TBS"])
+    for name in names:
+        for card, tbs in DATASHEETS_TBS.items():
+            if card in (name or ""):
+                return tbs
+    return None
 
 
 def load(p):
@@ -49,11 +61,16 @@ def main():
     wbytes = probe.get("weight_bytes") or ceil.get("decode_gemv_3b", {}).get("weight_bytes")
     params = probe.get("params")
     read_tbs = ceil.get("sum_4GiB_read", {}).get("tb_s")
-    lim_ds = DATASHEET_TBS * 1e12 / wbytes
+    card = ceil.get("device") or str((probe.get("device_info") or {}).get("device_name", ""))
+    ds_tbs = datasheet_tbs(card, str(probe.get("device_info", "")))
+    if ds_tbs is None:
+        print(f"unknown card {card!r}: no datasheet bandwidth (set KRSERVE_DATASHEET_TBS)", file=sys.stderr)
+        ds_tbs = float("nan")
+    lim_ds = ds_tbs * 1e12 / wbytes
     lim_meas = read_tbs * 1e12 / wbytes if read_tbs else float("nan")
     gemv = ceil.get("decode_gemv_3b", {})
     print(f"params {params:,}; weight bytes/token {wbytes:,} ({wbytes / 1e9:.4f} GB)")
-    print(f"limit at {DATASHEET_TBS} TB/s: {lim_ds:.1f} tok/s; at measured read {read_tbs:.3f} TB/s: {lim_meas:.1f} tok/s")
+    print(f"card {card or '?'}; limit at {ds_tbs} TB/s: {lim_ds:.1f} tok/s; at measured read {read_tbs:.3f} TB/s: {lim_meas:.1f} tok/s")
     if gemv:
         print(f"cuBLAS GEMV chain (CUDA graph): {gemv['s'] * 1e3:.3f} ms/token = {gemv['tok_s']:.1f} tok/s, "
               f"{gemv['tb_s']:.3f} TB/s")
@@ -64,7 +81,7 @@ def main():
 
     runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     print("| Run | Engine | Aggregate tok/s | vs in-process | Mean TTFT (ms) | Median ITL (ms) | "
-          "Decode tok/s median (best) | % of 3.35 TB/s limit | % of measured-read limit |")
+          f"Decode tok/s median (best) | % of {ds_tbs} TB/s limit | % of measured-read limit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         base = load(os.path.join(root, run, "seq_inprocess_r1.json"))

@@ -1,5 +1,5 @@
 #!/bin/bash
-# krserve's GPU benchmark on a lent H100 (see docs/gpu.md). Stages, run in the
+# krserve's GPU benchmark on the lent NVIDIA GPU (H100 before 2026-12, H200 now; see docs/gpu.md). Stages, run in the
 # repository root on the device machine:
 #
 #   run_on_device.sh keep           copy the wheel parts carried in this call
