@@ -8,7 +8,11 @@ every few seconds. Every output is compared with a crash-free run of the same
 requests. Reports completed, retried, resumed, failed, lost and hung.
 
     scripts/soak.py --krserve bin/krserve [--model DIR] [--clients 32] [--requests 300]
-                    [--kill-every 3] [--workers 2] [--json out.json]
+                    [--kill-every 3] [--workers 2] [--json out.json] [-- extra krserve up flags]
+
+A kill lands on whatever the worker runs, sometimes a suspect running alone
+on probation after an earlier crash (docs/architecture.md, "Crash
+containment"); the report counts requests declared poison that way.
 """
 
 from __future__ import annotations
@@ -117,10 +121,11 @@ def main() -> int:
     ap.add_argument("--kill-every", type=float, default=3.0)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--json", default=None)
+    ap.add_argument("extra", nargs="*", help="more `krserve up` flags (after --)")
     a = ap.parse_args()
     os.environ["KRSERVE_BIN"] = a.krserve
     args = ["--workers", str(a.workers), "--batch-size", "16", "--max-queue", str(a.requests * 2),
-            "--max-crashes", "3", "--heartbeat-timeout", "5s"]
+            "--heartbeat-timeout", "5s", *a.extra]
 
     print(f"crash-free reference run: {a.requests} requests, {a.clients} clients", file=sys.stderr)
     s = Server(a.model, *args)
@@ -143,6 +148,9 @@ def main() -> int:
     retried = metric(s.url, "krserve_requests_retried_total")
     resumed = metric(s.url, "krserve_requests_resumed_total")
     restarts = metric(s.url, "krserve_worker_restarts_total")
+    suspected = metric(s.url, "krserve_requests_suspected_total")
+    probations = metric(s.url, "krserve_probations_total")
+    poisoned = metric(s.url, "krserve_requests_poisoned_total")
     s.stop()
 
     completed = [g for g in got if g["error"] is None and g["finish"]]
@@ -154,6 +162,7 @@ def main() -> int:
              if g["error"] is None and g["text"] != r["text"]][:5]
     report = {"requests": a.requests, "clients": a.clients, "workers": a.workers, "kills": len(kills),
               "worker_restarts": restarts, "completed": len(completed), "retried": retried, "resumed": resumed,
+              "suspected": suspected, "probations": probations, "declared_poison": poisoned,
               "failed": len(failed), "lost": len(lost), "hung": len(hung), "identical_to_reference": same,
               "reference_seconds": round(ref_s, 2), "soak_seconds": round(soak_s, 2),
               "failures": [g["error"] for g in failed][:5], "differences": diffs}
