@@ -35,6 +35,7 @@ var envVars = []envVar{
 	{"KRSERVE_WORKERS", "workers", "number of worker processes"},
 	{"KRSERVE_WORKER_BLAS", "", "passed to workers (Linux CPU): directory with libopenblas.so.0 to load before mlx, or off (default: <venv>/lib/krserve-blas)"},
 	{"OPENBLAS_NUM_THREADS", "", "passed to workers: BLAS threads per worker (default: cores / workers)"},
+	{"KRSERVE_WORKER_FAULT", "", "passed to workers, a testing aid: crash or hang on chosen prompts (segv-on-prompt:TEXT, segv-after-tokens:N[:TEXT], hang-on-prompt:TEXT; docs/architecture.md)"},
 }
 
 // applyEnv sets each flag from its environment variable unless the flag was
