@@ -166,6 +166,9 @@ type Metrics struct {
 	RequestsOnProbation prometheus.Gauge
 	RequestsPoisoned    prometheus.Counter
 
+	RoutingDecisions      *prometheus.CounterVec // reason: cache|balance|least_loaded
+	RoutingMispredictions prometheus.Counter
+
 	IPCRoundTrip prometheus.Histogram // ping→pong seconds
 
 	buildInfo   prometheus.Gauge // krserve_build_info, always 1
@@ -301,6 +304,11 @@ func New(model ModelInfo, build BuildInfo) *Metrics {
 		"Suspects running alone on a worker now.")
 	m.RequestsPoisoned = counter("requests_poisoned_total",
 		"Requests declared poison and failed: a worker died while running them alone on probation (--poison-after times).")
+	m.RoutingDecisions = counterVec("routing_decisions_total",
+		"Requests routed to a worker, by reason: cache (the worker holding most of the prompt), balance (load was imbalanced: the least loaded), least_loaded (no worker held enough).",
+		"reason", []string{"cache", "balance", "least_loaded"})
+	m.RoutingMispredictions = counter("routing_mispredictions_total",
+		"Requests whose worker had cached less than half of what the routing index predicted; each shrinks that worker's index.")
 	m.ClientDisconnects = counter("client_disconnects_total",
 		"Requests whose client went away before the response finished.")
 	m.IPCRoundTrip = histogram("ipc_roundtrip_seconds",

@@ -52,6 +52,8 @@ var wantFamilies = map[string]dto.MetricType{
 	"krserve_probations_total":              dto.MetricType_COUNTER,
 	"krserve_requests_on_probation":         dto.MetricType_GAUGE,
 	"krserve_requests_poisoned_total":       dto.MetricType_COUNTER,
+	"krserve_routing_decisions_total":       dto.MetricType_COUNTER,
+	"krserve_routing_mispredictions_total":  dto.MetricType_COUNTER,
 	"krserve_requests_lost_total":           dto.MetricType_COUNTER,
 	"krserve_client_disconnects_total":      dto.MetricType_COUNTER,
 	"krserve_ipc_roundtrip_seconds":         dto.MetricType_HISTOGRAM,

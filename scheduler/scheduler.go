@@ -45,6 +45,7 @@ type Config struct {
 	// ProbationTokens is how many tokens past its crash point a suspect must
 	// produce alone before it is cleared and rejoins batching.
 	ProbationTokens int
+	Routing         RoutingConfig // which worker takes a request (affinity.go)
 	TuneEvery       time.Duration // auto-tuner evaluation period
 	Tune            TuneConfig
 	Now             func() time.Time
@@ -60,6 +61,7 @@ func DefaultConfig() Config {
 		MaxCrashes:      8,
 		PoisonAfter:     1,
 		ProbationTokens: 2,
+		Routing:         DefaultRoutingConfig(),
 		TuneEvery:       200 * time.Millisecond,
 		Tune:            DefaultTuneConfig(),
 		Now:             time.Now,
@@ -74,8 +76,9 @@ type slot struct {
 	draining     bool
 	lastProgress time.Time
 	served       int
-	probation    *Request // a suspect running alone here: the slot takes nothing else
-	reserved     bool     // kept for a waiting suspect: takes no new request until empty
+	probation    *Request     // a suspect running alone here: the slot takes nothing else
+	reserved     bool         // kept for a waiting suspect: takes no new request until empty
+	index        *prefixIndex // the text this worker process's prompt cache is believed to hold
 }
 
 // Scheduler is safe for concurrent use. Run must be running for dispatch.
@@ -251,7 +254,8 @@ func (s *Scheduler) failLocked(r *Request, e *Error) {
 func (s *Scheduler) AddWorker(id int, b Backend) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.slots[id] = &slot{id: id, label: strconv.Itoa(id), b: b, inflight: map[uint64]*Request{}, lastProgress: s.cfg.Now()}
+	s.slots[id] = &slot{id: id, label: strconv.Itoa(id), b: b, inflight: map[uint64]*Request{}, lastProgress: s.cfg.Now(),
+		index: newPrefixIndex(s.cfg.Routing.IndexBlocks)}
 	s.m.BatchSize.WithLabelValues(strconv.Itoa(id)).Set(float64(s.tune.B()))
 	s.poke()
 }
@@ -351,6 +355,7 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 		if r.Prompt == nil { // prefilled: the prompt, then what earlier workers generated
 			r.promptToks = max(0, m.PToks-(len(r.generated)-r.dispatchToks))
 		}
+		s.rememberLocked(sl, r, -1)
 		// Tokens the worker generated but did not send (the EOS token) still
 		// count as completion tokens, as in mlx-lm and vLLM.
 		r.unsent = max(0, m.CToks-r.dispatchToks)
@@ -394,6 +399,9 @@ func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []T
 	r.dispatchToks += n
 	r.generated = append(r.generated, ids...)
 	r.sentBytes += len(text)
+	if r.keepReply {
+		r.reply.WriteString(text)
+	}
 	if n > 0 {
 		if r.firstToken.IsZero() {
 			r.firstToken = now
@@ -563,7 +571,7 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 		if r.suspect {
 			id = s.probationSlotLocked(ids, batches)
 		} else if !full {
-			if id = s.mostFreeLocked(ids, batches, b); id < 0 {
+			if id = s.routeLocked(r, ids, batches, b); id < 0 {
 				full = true
 			}
 		}
@@ -589,6 +597,7 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 			r.dispatched = now
 			r.dispatchToks = 0
 			sl.inflight[r.ID] = r
+			sl.index.insert(r.prefixBlocks(s.cfg.Routing.Policy))
 			if r.suspect {
 				s.startProbationLocked(sl, r)
 			}
@@ -610,24 +619,50 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 	s.m.NumRequestsWaiting.Set(float64(len(s.queue)))
 }
 
-// mostFreeLocked picks the open worker with the most free slots for one more
-// request (ties: round robin from s.rr), or -1 when all are full.
-func (s *Scheduler) mostFreeLocked(ids []int, batches map[int][]*Request, b int) int {
-	best, bestFree := -1, 0
+// routeLocked picks the worker for one more request among the open workers
+// with a free slot (route, affinity.go), or -1 when all are full.
+func (s *Scheduler) routeLocked(r *Request, ids []int, batches map[int][]*Request, b int) int {
+	blocks := r.prefixBlocks(s.cfg.Routing.Policy)
+	cands := make([]routeCandidate, 0, len(ids))
 	for k := range ids {
 		id := ids[(s.rr+k)%len(ids)]
 		sl := s.slots[id]
-		if !sl.open() {
+		f := b - len(sl.inflight) - len(batches[id])
+		if !sl.open() || f <= 0 {
 			continue
 		}
-		if f := b - len(sl.inflight) - len(batches[id]); f > bestFree {
-			best, bestFree = id, f
+		cands = append(cands, routeCandidate{id: id, load: len(sl.inflight) + len(batches[id]), free: f,
+			match: sl.index.match(blocks)})
+	}
+	if len(cands) == 0 {
+		return -1
+	}
+	s.rr = (s.rr + 1) % len(ids)
+	i, why := route(cands, len(blocks), s.cfg.Routing)
+	s.m.RoutingDecisions.WithLabelValues(why).Inc()
+	r.predicted = cands[i].match
+	return cands[i].id
+}
+
+// rememberLocked records, on a request's done, that worker sl now holds its
+// prompt and reply (the worker's cache keeps the finished sequence, where
+// the next turn resumes). It first checks the worker's report of cached
+// prompt tokens against what the index predicted at dispatch: a worker that
+// found less evicted text the index still lists, so the index shrinks.
+func (s *Scheduler) rememberLocked(sl *slot, r *Request, cached int) {
+	if s.cfg.Routing.Policy != RoutingCacheAware || r.Prompt != nil {
+		return
+	}
+	if cached >= 0 && r.predicted > 0 && r.promptToks > 0 && !r.suspect {
+		// Blocks the worker really had: its cached tokens at the request's
+		// own bytes per token.
+		had := cached * len(canonical(&r.Input, "")) / r.promptToks / blockBytes
+		if had < r.predicted/2 {
+			sl.index.shrink()
+			s.m.RoutingMispredictions.Inc()
 		}
 	}
-	if best >= 0 {
-		s.rr = (s.rr + 1) % len(ids)
-	}
-	return best
+	sl.index.insert(blockHashes(canonical(&r.Input, r.reply.String())))
 }
 
 // Drain refuses new requests from now on and returns a channel closed once
@@ -708,6 +743,10 @@ type State struct {
 	OnProbation int    `json:"on_probation"`
 	Poisoned    int    `json:"poisoned"`
 	LastPoison  string `json:"last_poison,omitempty"`
+	// Routing (affinity.go): the policy, and the blocks of text each
+	// worker's index believes its prompt cache holds.
+	Routing      string         `json:"routing"`
+	RoutingIndex map[string]int `json:"routing_index_blocks"`
 }
 
 // State returns a snapshot.
@@ -718,7 +757,7 @@ func (s *Scheduler) State() State {
 	st := State{QueueRequests: len(s.queue), QueueTokens: s.queueTokens, Draining: s.draining,
 		WindowMS: float64(s.cfg.Window.Microseconds()) / 1000, Dispatches: s.dispatches,
 		BatchSize: map[string]int{}, InFlight: map[string]int{}, AutoTune: tune,
-		Poisoned: s.poisoned, LastPoison: s.lastPoison}
+		Poisoned: s.poisoned, LastPoison: s.lastPoison, Routing: s.cfg.Routing.Policy, RoutingIndex: map[string]int{}}
 	for _, r := range s.queue {
 		if r.suspect {
 			st.Suspects++
@@ -729,6 +768,7 @@ func (s *Scheduler) State() State {
 			st.OnProbation++
 		}
 		st.Running += len(sl.inflight)
+		st.RoutingIndex[sl.label] = len(sl.index.blocks)
 		st.BatchSize[sl.label] = s.tune.B()
 		st.InFlight[sl.label] = len(sl.inflight)
 	}

@@ -125,6 +125,7 @@ func TestUpRefusesBadSettings(t *testing.T) {
 		{[]string{"--max-crashes", "0"}, "--max-crashes"},
 		{[]string{"--poison-after", "0"}, "--poison-after"},
 		{[]string{"--probation-tokens", "0"}, "--probation-tokens"},
+		{[]string{"--routing", "random"}, "--routing"},
 		{[]string{"--dequantize", "yes"}, "--dequantize"},
 		{[]string{"--auto-tune", "--auto-tune-min", "8", "--auto-tune-max", "4"}, "auto-tune bounds"},
 	} {

@@ -49,6 +49,7 @@ type upConfig struct {
 	MaxQueue, MaxQueueTokens  int
 	MaxCrashes                int
 	PoisonAfter               int
+	Routing                   string
 	ProbationTokens           int
 	StartTimeout              time.Duration
 	Heartbeat, HeartbeatLimit time.Duration
@@ -111,6 +112,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.MaxQueueTokens, "max-queue-tokens", 1<<20, "prompt tokens that may wait (429 beyond)")
 	f.IntVar(&c.MaxCrashes, "max-crashes", 8, "a request that lived through this many worker crashes fails, whatever caused them (bounds retries when the pool keeps dying)")
 	f.IntVar(&c.PoisonAfter, "poison-after", 1, "a request in flight during a crash is retried alone on a worker (probation); one whose worker dies this many times while running it alone is declared poison and fails")
+	f.StringVar(&c.Routing, "routing", scheduler.RoutingCacheAware, "which worker takes a request: cache-aware (the worker whose prompt cache holds most of the conversation, unless load is clearly imbalanced) or least-loaded")
 	f.IntVar(&c.ProbationTokens, "probation-tokens", 2, "tokens past its crash point a suspect must produce alone before it rejoins batching")
 	f.DurationVar(&c.StartTimeout, "start-timeout", 180*time.Second, "time a worker has to load the model and say hello")
 	f.DurationVar(&c.Heartbeat, "heartbeat", time.Second, "heartbeat interval")
@@ -249,6 +251,9 @@ func runUp(parent context.Context, c upConfig) error {
 			return fmt.Errorf("%s must be at least 1; got %d", v.name, v.n)
 		}
 	}
+	if c.Routing != scheduler.RoutingCacheAware && c.Routing != scheduler.RoutingLeastLoaded {
+		return fmt.Errorf("--routing must be %s or %s; got %q", scheduler.RoutingCacheAware, scheduler.RoutingLeastLoaded, c.Routing)
+	}
 	if c.PrefillStep < 1 {
 		return fmt.Errorf("--prefill-step must be at least 1; got %d", c.PrefillStep)
 	}
@@ -273,6 +278,7 @@ func runUp(parent context.Context, c upConfig) error {
 	scfg.Window = msDuration(c.WindowMS)
 	scfg.MaxQueue, scfg.MaxQueueTokens, scfg.MaxCrashes, scfg.Tune = c.MaxQueue, c.MaxQueueTokens, c.MaxCrashes, tune
 	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
+	scfg.Routing.Policy = c.Routing
 	sched := scheduler.New(scfg, m, st)
 
 	var ids atomic.Uint64
