@@ -123,6 +123,7 @@ func TestUpRefusesBadSettings(t *testing.T) {
 		{[]string{"--prefill-step", "0"}, "--prefill-step"},
 		{[]string{"--prefill-batch", "-1"}, "--prefill-batch"},
 		{[]string{"--dequantize", "yes"}, "--dequantize"},
+		{[]string{"--drain-delay", "-1s"}, "--drain-delay"},
 		{[]string{"--auto-tune", "--auto-tune-min", "8", "--auto-tune-max", "4"}, "auto-tune bounds"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
