@@ -145,13 +145,31 @@ def test_shipped_config_is_valid():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def ready_status(server: Server) -> int | None:
+    """/ready's status, or None once nothing listens any more."""
+    try:
+        return server.get("/ready")[0]
+    except OSError:
+        return None
+
+
 @needs_haproxy
-def test_drain_one_replica_under_streaming_load(model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["drain-delay", "retries"])
+def test_drain_one_replica_under_streaming_load(model_dir, tmp_path, mode):
     """8 clients stream greedy completions through HAProxy; one replica gets
     SIGTERM while it serves some of them. Every request completes with the
     full greedy text, the drained replica exits 0 after finishing its streams,
-    HAProxy marks it down, and later requests go to the survivor."""
-    args = ("--workers", "1", "--drain-delay", "5s", "--drain-timeout", "120s")
+    HAProxy marks it down, and later requests go to the survivor.
+
+    drain-delay: the deployment as documented. krserve keeps admitting for
+    --drain-delay after SIGTERM while /ready answers 503, so HAProxy's checks
+    take it out before it refuses anything.
+    retries: krserve refuses at once (--drain-delay 0) and HAProxy's checks of
+    the victim are held off (`disable health`), so HAProxy keeps sending it
+    requests through its drain and after its exit: the 503s and refused
+    connections must all be retried on the survivor (retry-on, redispatch)."""
+    delay = "5s" if mode == "drain-delay" else "0s"
+    args = ("--workers", "1", "--drain-delay", delay, "--drain-timeout", "120s")
     servers = {"krserve1": Server(model_dir, *args), "krserve2": Server(model_dir, *args)}
     lb = None
     try:
@@ -195,15 +213,31 @@ def test_drain_one_replica_under_streaming_load(model_dir, tmp_path):
         try:
             wait_for(lambda: running(victim) > 0 and running(survivor) > 0, 120,
                      "streams in flight on both replicas")
+            if mode == "retries":
+                assert lb.admin("disable health krserve/krserve1").strip() == ""
             t_term = time.monotonic()
             victim.proc.send_signal(signal.SIGTERM)
-            # /ready turns 503 as soon as the signal is handled (delivery is
-            # asynchronous); the replica still admits requests for --drain-delay.
-            body = wait_for(lambda: (lambda r: r[0] == 503 and r[1])(victim.get("/ready")), 10, "/ready to answer 503")
-            assert body["status"] == "draining", body
-            wait_for(lambda: lb.op_states()["krserve1"] == 0, 60, "HAProxy to mark the drained replica down")
+            if mode == "drain-delay":
+                # /ready turns 503 as soon as the signal is handled (delivery
+                # is asynchronous); krserve still admits for --drain-delay.
+                body = wait_for(lambda: (lambda r: r[0] == 503 and r[1])(victim.get("/ready")), 10, "/ready to answer 503")
+                assert body["status"] == "draining", body
+                wait_for(lambda: lb.op_states()["krserve1"] == 0, 60, "HAProxy to mark the drained replica down")
             assert victim.proc.wait(180) == 0, victim.log()
             t_exit = time.monotonic()
+            if mode == "retries":
+                # HAProxy still counts the victim up: leastconn sends it new
+                # requests, each refused and retried on the survivor.
+                for _ in range(20):  # leastconn alternates between equals: a few suffice
+                    served_by, text, finish = complete(client, PROMPTS[1])
+                    assert (served_by, text, finish) == ("krserve2", want[PROMPTS[1]], "length")
+                    if int(lb.stat()[("krserve", "krserve1")]["wredis"]) > 0:
+                        break
+                else:
+                    raise AssertionError("HAProxy never redispatched a request from the stopped replica")
+                assert lb.op_states()["krserve1"] == 2  # still in rotation: the retries did it
+                lb.admin("enable health krserve/krserve1")
+                wait_for(lambda: lb.op_states()["krserve1"] == 0, 60, "HAProxy to mark the stopped replica down")
             # A new request now goes to the survivor.
             served_by, text, finish = complete(client, PROMPTS[0])
             assert (served_by, text, finish) == ("krserve2", want[PROMPTS[0]], "length")
@@ -216,7 +250,7 @@ def test_drain_one_replica_under_streaming_load(model_dir, tmp_path):
                 t.join(300)
 
         errors = [r for r in results if "error" in r]
-        assert not errors, errors
+        assert not errors, (len(errors), [e["error"] for e in errors][:3], [ln for ln in lb.log().splitlines() if " 503 " in ln][:10])
         wrong = [r for r in results if r["text"] != want[r["prompt"]] or r["finish"] != "length"]
         assert not wrong, wrong
         # The drain mattered: the victim had streams in flight at SIGTERM and
