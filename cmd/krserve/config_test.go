@@ -127,6 +127,7 @@ func TestUpRefusesBadSettings(t *testing.T) {
 		{[]string{"--probation-tokens", "0"}, "--probation-tokens"},
 		{[]string{"--routing", "random"}, "--routing"},
 		{[]string{"--dequantize", "yes"}, "--dequantize"},
+		{[]string{"--drain-delay", "-1s"}, "--drain-delay"},
 		{[]string{"--auto-tune", "--auto-tune-min", "8", "--auto-tune-max", "4"}, "auto-tune bounds"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {

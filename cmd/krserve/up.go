@@ -54,6 +54,7 @@ type upConfig struct {
 	StartTimeout              time.Duration
 	Heartbeat, HeartbeatLimit time.Duration
 	ProgressTimeout           time.Duration
+	DrainDelay                time.Duration
 	DrainTimeout, StopGrace   time.Duration
 	RecycleRequests           int
 	RecycleRSSMB              int
@@ -118,7 +119,8 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.DurationVar(&c.Heartbeat, "heartbeat", time.Second, "heartbeat interval")
 	f.DurationVar(&c.HeartbeatLimit, "heartbeat-timeout", 10*time.Second, "no heartbeat answer for this long: worker is wedged")
 	f.DurationVar(&c.ProgressTimeout, "progress-timeout", 60*time.Second, "requests in flight and no token for this long: worker is wedged")
-	f.DurationVar(&c.DrainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, time in-flight requests have to finish")
+	f.DurationVar(&c.DrainDelay, "drain-delay", 0, "on SIGTERM, answer 503 on /ready but keep admitting requests this long, so a load balancer's health check takes this instance out before it refuses any (behind HAProxy or Kubernetes: longer than the balancer needs to notice; docs/deploy.md)")
+	f.DurationVar(&c.DrainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, after --drain-delay: time in-flight requests have to finish while new ones get 503")
 	f.DurationVar(&c.StopGrace, "stop-grace", 3*time.Second, "per stage of a worker stop (shutdown frame, SIGTERM, SIGKILL)")
 	f.IntVar(&c.RecycleRequests, "recycle-requests", 0, "replace a worker after it served this many requests (0: never)")
 	f.IntVar(&c.RecycleRSSMB, "recycle-rss-mb", 0, "replace a worker whose resident memory passes this (0: never)")
@@ -254,6 +256,9 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.Routing != scheduler.RoutingCacheAware && c.Routing != scheduler.RoutingLeastLoaded {
 		return fmt.Errorf("--routing must be %s or %s; got %q", scheduler.RoutingCacheAware, scheduler.RoutingLeastLoaded, c.Routing)
 	}
+	if c.DrainDelay < 0 || c.DrainTimeout < 0 {
+		return fmt.Errorf("--drain-delay and --drain-timeout must not be negative; got %v and %v", c.DrainDelay, c.DrainTimeout)
+	}
 	if c.PrefillStep < 1 {
 		return fmt.Errorf("--prefill-step must be at least 1; got %d", c.PrefillStep)
 	}
@@ -362,17 +367,13 @@ func runUp(parent context.Context, c upConfig) error {
 	var runErr error
 	select {
 	case <-sigCtx.Done():
-		log.Info("shutting down: draining", "drain_timeout", c.DrainTimeout)
+		// /ready turns 503 at once; requests are admitted for the drain
+		// delay, then refused with 503 while in-flight ones finish.
+		runErr = drainAfterSignal(stopPlan{Delay: c.DrainDelay, Timeout: c.DrainTimeout}, ops.leave, sched, errs, time.After, log)
 	case runErr = <-errs:
 		log.Error("shutting down after failure", "err", runErr)
-	}
-	// Drain: /ready turns 503, new requests get 503, in-flight ones finish.
-	select {
-	case <-sched.Drain():
-		log.Info("drained: no request in flight")
-	case <-time.After(c.DrainTimeout):
-		log.Warn("drain timeout passed; failing what is left")
-		sched.Abort("server shut down before the request finished")
+		ops.leave()
+		drainFor(c.DrainTimeout, sched, time.After, log)
 	}
 	// Let handlers write their last bytes, then stop workers and listeners.
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -417,11 +418,18 @@ type ops struct {
 	stats   *metrics.Stats
 	started time.Time
 	workers int
+	leaving atomic.Bool // a signal came: not ready, whether or not the scheduler refuses yet
 }
+
+// leave makes /ready answer 503 from now on.
+func (o *ops) leave() { o.leaving.Store(true) }
 
 func (o *ops) Ready() (bool, any) {
 	if o.sched.Draining() {
-		return false, map[string]any{"status": "draining", "reason": "server is shutting down"}
+		return false, map[string]any{"status": "draining", "reason": "server is shutting down: in-flight requests finish, new ones get 503"}
+	}
+	if o.leaving.Load() {
+		return false, map[string]any{"status": "draining", "reason": "server is shutting down: still admitting requests until --drain-delay passes"}
 	}
 	healthy, loading, failed := 0, 0, 0
 	var reasons []string
