@@ -68,10 +68,30 @@ func (e *Exit) String() string {
 	if e.Err != nil {
 		fmt.Fprintf(&b, " after %v", e.Err)
 	}
-	if n := len(e.Stderr); n > 0 {
-		fmt.Fprintf(&b, "; last stderr: %s", e.Stderr[n-1])
+	if line := tellingLine(e.Stderr); line != "" {
+		fmt.Fprintf(&b, "; last stderr: %s", line)
 	}
 	return b.String()
+}
+
+// tellingLine picks the stderr line that says most about a death: the last
+// one naming an error (a Python exception, faulthandler's "Fatal Python
+// error: Segmentation fault", a fault injected on purpose), else the last
+// line that is not faulthandler's list of extension modules.
+func tellingLine(lines []string) string {
+	for i := len(lines) - 1; i >= 0; i-- {
+		l := lines[i]
+		if strings.HasPrefix(l, "Fatal Python error") || strings.Contains(l, "Error:") ||
+			strings.Contains(l, "Exception:") || strings.Contains(l, "fault injection:") {
+			return l
+		}
+	}
+	for i := len(lines) - 1; i >= 0; i-- {
+		if !strings.HasPrefix(lines[i], "Extension modules:") {
+			return lines[i]
+		}
+	}
+	return ""
 }
 
 // Process is one worker child. Messages it sends are passed to the handler

@@ -487,3 +487,23 @@ func TestProcessSendLargerThanPipe(t *testing.T) {
 		t.Fatalf("first tokens %v, prompt tokens %v; want 'a' after %d and 'o' after 2", first, ptoks, len(big))
 	}
 }
+
+func TestTellingLine(t *testing.T) {
+	for _, tc := range []struct {
+		lines []string
+		want  string
+	}{
+		{nil, ""},
+		{[]string{"loading", "ready"}, "ready"},
+		{[]string{"Fatal Python error: Segmentation fault", "", "Current thread 0x1 (most recent call first):",
+			`  File "x.py", line 1 in f`, "Extension modules: msgpack._cmsgpack (total: 1)"}, "Fatal Python error: Segmentation fault"},
+		{[]string{"krserve_worker: fault injection: segv-on-prompt: request 7: segmentation fault", "Fatal Python error: Segmentation fault",
+			"Extension modules: numpy (total: 1)"}, "Fatal Python error: Segmentation fault"},
+		{[]string{"Traceback (most recent call last):", `  File "w.py", line 3`, "ValueError: bad", "krserve_worker: bye"}, "ValueError: bad"},
+		{[]string{"Extension modules: a (total: 1)"}, ""},
+	} {
+		if got := tellingLine(tc.lines); got != tc.want {
+			t.Errorf("tellingLine(%q) = %q, want %q", tc.lines, got, tc.want)
+		}
+	}
+}
