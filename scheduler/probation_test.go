@@ -132,7 +132,7 @@ func TestCrashSuspectsRunAloneThenRejoin(t *testing.T) {
 // first crash completes, and the pool keeps serving new requests meanwhile.
 func TestPoisonFailsAloneInnocentsSurvive(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		h := newHarness(t, 4, nil) // PoisonAfter 1
+		h := newHarness(t, 4, func(c *Config) { c.PoisonAfter = 1 })
 		h.addWorker(1)
 		h.addWorker(2)
 		var rs []*Request
@@ -382,4 +382,29 @@ func TestReserveLocked(t *testing.T) {
 			t.Fatalf("%d suspects: reserved %v, want %v", step.suspects, got, step.want)
 		}
 	}
+}
+
+// With PoisonAfter 2 (the default) one death alone is not yet a verdict: the
+// suspect runs alone again, and a second death convicts it.
+func TestPoisonAfterTwoDeathsAlone(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, 4, nil)
+		r := h.submit()
+		for i := 1; i <= 3; i++ {
+			w := h.addWorker(i)
+			if got := w.genIDs(); !slices.Equal(got, []uint64{r.ID}) {
+				t.Fatalf("worker %d got %v", i, got)
+			}
+			h.crash(i)
+			if i < 3 {
+				if evs := events(r); len(evs) != 0 {
+					t.Fatalf("after crash %d: %+v", i, evs)
+				}
+			}
+		}
+		e := wantFailed(t, r, events(r), ReasonWorkerCrash)
+		if !strings.Contains(e.Msg, "alone on (2 time(s)") {
+			t.Errorf("message %q", e.Msg)
+		}
+	})
 }

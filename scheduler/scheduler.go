@@ -59,7 +59,7 @@ func DefaultConfig() Config {
 		MaxQueue:        256,
 		MaxQueueTokens:  1 << 20,
 		MaxCrashes:      8,
-		PoisonAfter:     1,
+		PoisonAfter:     2,
 		ProbationTokens: 2,
 		Routing:         DefaultRoutingConfig(),
 		TuneEvery:       200 * time.Millisecond,

@@ -447,11 +447,12 @@ func TestSchedulerResumesInputRequest(t *testing.T) {
 	}
 }
 
-// A request that crashes its worker, then crashes the worker it runs alone
-// on (probation), is declared poison: it fails with worker_crash naming the
-// signal, after exactly the text it had streamed; the slot recovers.
+// A request that crashes its worker, then twice the worker it runs alone on
+// (probation, --poison-after 2), is declared poison: it fails with
+// worker_crash naming the signal, after exactly the text it had streamed;
+// the slot recovers.
 func TestSchedulerFailsPoisonAfterCrashAlone(t *testing.T) {
-	pl := newPlan(t, "crash-mid-stream,k=3", "crash-mid-stream,k=1", "ok")
+	pl := newPlan(t, "crash-mid-stream,k=3", "crash-mid-stream,k=1", "crash-mid-stream,k=1", "ok")
 	sp := newSchedPool(t, testConfig(pl))
 	r := sp.submit(t, 1000, 10)
 	text, last := collect(t, r)
@@ -462,16 +463,16 @@ func TestSchedulerFailsPoisonAfterCrashAlone(t *testing.T) {
 	if !strings.Contains(se.Msg, "alone") || !strings.Contains(se.Msg, "SIGSEGV") {
 		t.Errorf("error message %q", se.Msg)
 	}
-	// Worker 1 streamed tokens 0..2 (holding back token 2's text), worker 2
-	// token 3 (with token 2's text, holding back its own).
-	if want := fakeText(0, 3); text != want {
+	// Worker 1 streamed tokens 0..2 (holding back token 2's text), workers 2
+	// and 3 one token each (with the previous one's text, holding back their own).
+	if want := fakeText(0, 4); text != want {
 		t.Fatalf("client text %q, want %q", text, want)
 	}
 	text, last = collect(t, sp.submit(t, 5, 3))
 	if last.Err != nil || text != fakeText(0, 3) {
 		t.Fatalf("after the poison: %q %+v", text, last)
 	}
-	if st := slot0(sp.pool); st.Restarts != 2 {
+	if st := slot0(sp.pool); st.Restarts != 3 {
 		t.Fatalf("restarts %d", st.Restarts)
 	}
 }
