@@ -1,4 +1,4 @@
-"""The worker: load the model, speak protocol v2 (docs/protocol.md), generate.
+"""The worker: load the model, speak protocol v3 (docs/protocol.md), generate.
 
 Threads:
 
