@@ -232,9 +232,9 @@ def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=No
     return encode(m)
 
 
-def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "") -> bytes:
+def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "", calls=None) -> bytes:
     return encode({"t": "done", "id": id, "reason": reason, "ptoks": ptoks,
-                   "ctoks": ctoks, "text": text})
+                   "ctoks": ctoks, "text": text, "calls": calls})
 
 
 def error(id: int, code: str, msg: str) -> bytes:
