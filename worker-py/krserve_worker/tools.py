@@ -186,20 +186,37 @@ def chat_messages(tokenizer, messages, treq: ToolRequest | None) -> tuple[list, 
 # -- grammar ------------------------------------------------------------------
 
 
+def _rebase_refs(node, base: str):
+    """A copy of a schema whose local ``$ref`` pointers ("#...") point under
+    ``base`` (the schema moves from the root to ``base``)."""
+    if isinstance(node, dict):
+        return {k: (base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#")
+                    else _rebase_refs(v, base)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase_refs(v, base) for v in node]
+    return node
+
+
 def call_grammar(treq: ToolRequest) -> str:
-    """The Lark grammar of the calls ``treq`` demands, in the json_tools format."""
-    alts = []
-    for t in treq.tools:
+    """The Lark grammar of the calls ``treq`` demands, in the json_tools format.
+
+    Each tool's parameter schema becomes ``$defs/tool<i>`` of one schema whose
+    ``$ref`` pointers are rebased there (a pydantic schema's ``#/$defs/X``
+    becomes ``#/$defs/tool<i>/$defs/X``)."""
+    alts, defs = [], {}
+    for i, t in enumerate(treq.tools):
         fn = t["function"]
         if treq.choice == "function" and fn["name"] != treq.name:
             continue
         params = fn.get("parameters") or {"type": "object", "properties": {},
                                           "additionalProperties": False}
+        defs[f"tool{i}"] = _rebase_refs(params, f"#/$defs/tool{i}")
         alts.append({"type": "object",
-                     "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                     "properties": {"name": {"const": fn["name"]},
+                                    "arguments": {"$ref": f"#/$defs/tool{i}"}},
                      "required": ["name", "arguments"], "additionalProperties": False})
     body = alts[0] if len(alts) == 1 else {"anyOf": alts}
-    body = dict(body, **{"x-guidance": {"whitespace_flexible": False}})
+    body = dict(body, **{"$defs": defs, "x-guidance": {"whitespace_flexible": False}})
     many = not treq.one_call and treq.choice == "required"
     return "\n".join([
         "start: call" + (' ("\\n" call)*' if many else ""),
