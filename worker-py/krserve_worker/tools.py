@@ -259,7 +259,8 @@ class CallStream:
     marker to its end marker is a call, parsed with the format's parser; a
     call that does not parse is passed on as content, markers included, so
     nothing is lost. A tail that may be the start of a marker is held back, as
-    is whitespace between calls (dropped once a call was made).
+    is trailing whitespace until more content follows (whitespace before and
+    between calls is dropped; at the end it is kept only if no call was made).
 
     Resume: the first ``skip_bytes`` bytes of content and the first
     ``skip_calls`` calls were delivered by an earlier worker and are not
@@ -284,13 +285,13 @@ class CallStream:
         return 0
 
     def _content(self, s: str, out: list) -> None:
-        if not s:
-            return
-        if not (self.ws + s).strip():
-            self.ws += s
-            return
-        s, self.ws = self.ws + s, ""
-        self._emit(s, out)
+        # Trailing whitespace is held until more content follows (a call
+        # drops it), however the text was cut into deltas.
+        s = self.ws + s
+        body = s.rstrip()
+        self.ws = s[len(body):]
+        if body:
+            self._emit(body, out)
 
     def _emit(self, s: str, out: list) -> None:
         if self.skip_bytes:
