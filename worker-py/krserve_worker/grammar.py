@@ -29,7 +29,7 @@ allows token ``i``). ``apply_mask`` turns it into masked logits:
 identical results (tests/py/test_grammar.py checks the portable path against
 llguidance's numpy reference everywhere, and against the Metal kernel where
 Metal exists; this Linux machine has none, so the kernel itself is untested
-here: see docs/structured-output.md).
+here: see the README, "Structured output and tools").
 """
 
 from __future__ import annotations
