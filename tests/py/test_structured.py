@@ -229,3 +229,54 @@ def test_mixed_batch_join_and_cancel(client):
     # The free request, greedy, matches the same request alone (no grammar leaked into it).
     alone = client.chat.completions.create(model="default", messages=ASK, max_tokens=120, temperature=0)
     assert alone.choices[0].message.content.split()[:8] == results["free"].split()[:8]
+
+
+# Last in the module: it kills the shared server's worker.
+def test_constrained_streams_survive_worker_kill(client, server):
+    """A constrained stream resumes on the restarted worker, which replays the
+    delivered tokens into a fresh matcher (and call parser): the output is the
+    crash-free one and stays valid."""
+    import os
+    import signal
+
+    def running_worker():
+        _, st = server.get("/stats")
+        return next((w["pid"] for w in st["workers"] if w["requests_in_flight"] > 0), None)
+
+    ref = client.chat.completions.parse(model="default", messages=ASK, max_tokens=400, temperature=0,
+                                        response_format=Person)
+    want = ref.choices[0].message.content
+    with client.chat.completions.stream(model="default", messages=ASK, max_tokens=400, temperature=0,
+                                        response_format=Person) as s:
+        killed = None
+        for ev in s:
+            if ev.type == "content.delta" and killed is None and len(ev.snapshot) > 10:
+                killed = running_worker()
+                assert killed
+                os.kill(killed, signal.SIGKILL)
+        final = s.get_final_completion()
+    assert killed
+    c = final.choices[0]
+    assert c.message.content == want and isinstance(c.message.parsed, Person)
+
+    # A named tool call: the kill lands while the call's text is held back.
+    tool_ref = client.chat.completions.create(model="default", messages=WEATHER_ASK, max_tokens=100, temperature=0,
+                                              tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    stream = client.chat.completions.create(model="default", messages=WEATHER_ASK, max_tokens=100, temperature=0,
+                                            tools=[WEATHER_TOOL], stream=True,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    args, names, killed, finish = "", [], None, None
+    for ch in stream:
+        if killed is None:
+            killed = running_worker()
+            assert killed
+            os.kill(killed, signal.SIGKILL)
+        for c in ch.choices:
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                if tc.function.name:
+                    names.append(tc.function.name)
+                args += tc.function.arguments or ""
+    assert killed and finish == "tool_calls" and names == ["get_weather"]
+    assert args == tool_ref.choices[0].message.tool_calls[0].function.arguments
+    server.wait_ready(120)
