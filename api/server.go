@@ -215,7 +215,6 @@ type job struct {
 	model        string
 	stream       bool
 	includeUsage bool
-	tools        bool // a chat request whose output may hold tool calls
 	params       scheduler.Params
 	timeout      time.Duration
 }
@@ -245,7 +244,6 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j.chat = true
-	j.tools = ts.Tools != "" && ts.Choice != "none"
 	in := &scheduler.Input{Messages: make([]ipc.ChatMessage, len(req.Messages)),
 		Tools: ts.Tools, ToolChoice: ts.Choice, ToolName: ts.Name, OneCall: ts.OneCall}
 	for i, m := range req.Messages {
