@@ -7,6 +7,7 @@ package api
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -395,6 +396,11 @@ func (w *fakeWorker) emit() bool {
 		}
 		w.mu.Unlock()
 		tok := &ipc.Message{T: ipc.TTok, ID: id, IDs: []int32{int32(3 + i%900)}, Text: fmt.Sprintf("w%d ", i)}
+		if st.m.Tools != "" && st.m.ToolChoice != "none" && i%2 == 1 {
+			// A gen with tools: every odd token completes a call of the named
+			// (or a fixed) function instead of adding text.
+			tok.Text, tok.Calls = "", []ipc.ToolCall{{Name: cmp.Or(st.m.ToolName, "f"), Arguments: fmt.Sprintf(`{"i":%d}`, i)}}
+		}
 		if st.m.Logprobs {
 			addFakeLogprobs(tok, i, st.m.TopLogprobs)
 		}

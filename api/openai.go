@@ -35,16 +35,20 @@ type commonRequest struct {
 	StreamOptions       *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
-	User      string   `json:"user"`
-	Timeout   *float64 `json:"timeout"`    // krserve extension: seconds
-	IgnoreEOS bool     `json:"ignore_eos"` // krserve extension (also vLLM's)
+	ResponseFormat json.RawMessage `json:"response_format"`
+	User           string          `json:"user"`
+	Timeout        *float64        `json:"timeout"`    // krserve extension: seconds
+	IgnoreEOS      bool            `json:"ignore_eos"` // krserve extension (also vLLM's)
 }
 
 type chatRequest struct {
 	commonRequest
 	// Decoded in the body's one json.Unmarshal (no second pass over the
 	// conversation); parseMessages validates it.
-	Messages []chatMessage `json:"messages"`
+	Messages          []chatMessage   `json:"messages"`
+	Tools             json.RawMessage `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls"`
 }
 
 type completionRequest struct {
@@ -55,9 +59,11 @@ type completionRequest struct {
 }
 
 type chatMessage struct {
-	Role    string         `json:"role"`
-	Content messageContent `json:"content"`
-	Name    string         `json:"name"`
+	Role       string         `json:"role"`
+	Content    messageContent `json:"content"`
+	Name       string         `json:"name"`
+	ToolCalls  []inToolCall   `json:"tool_calls"`
+	ToolCallID string         `json:"tool_call_id"`
 }
 
 // messageContent is a message's content as sent: a string or a list of parts.
@@ -226,12 +232,22 @@ func parseMessages(msgs []chatMessage) ([]string, *apiError) {
 	for i, m := range msgs {
 		switch m.Role {
 		case "system", "user", "assistant", "developer":
+		case "tool":
+			if m.ToolCallID == "" {
+				return nil, invalid(fmt.Sprintf("messages[%d].tool_call_id", i), "messages[%d] has role tool but no tool_call_id", i)
+			}
 		case "":
 			return nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d] has no role", i)
 		default:
-			return nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d].role %q is not supported (use system, user or assistant)", i, m.Role)
+			return nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages[%d].role %q is not supported (use system, user, assistant or tool)", i, m.Role)
+		}
+		if len(m.ToolCalls) > 0 && m.Role != "assistant" {
+			return nil, invalid(fmt.Sprintf("messages[%d].tool_calls", i), "messages[%d] has tool_calls but role %q; only assistant messages carry tool calls", i, m.Role)
 		}
 		c := &m.Content
+		if !c.set && len(m.ToolCalls) > 0 { // an assistant turn that only called tools
+			continue
+		}
 		if !c.set {
 			return nil, invalid(fmt.Sprintf("messages[%d].content", i), "messages[%d] has no content", i)
 		}
@@ -300,15 +316,24 @@ type usage struct {
 
 type chatChoice struct {
 	Index        int           `json:"index"`
-	Message      *chatOutMsg   `json:"message,omitempty"`
+	Message      *chatFullMsg  `json:"message,omitempty"`
 	Delta        *chatOutMsg   `json:"delta,omitempty"`
 	Logprobs     *chatLogprobs `json:"logprobs"`
 	FinishReason *string       `json:"finish_reason"`
 }
 
 type chatOutMsg struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string        `json:"role,omitempty"`
+	Content   *string       `json:"content,omitempty"`
+	ToolCalls []outToolCall `json:"tool_calls,omitempty"`
+}
+
+// chatFullMsg is a non-streamed choice's message: content is null when the
+// model only called tools.
+type chatFullMsg struct {
+	Role      string        `json:"role"`
+	Content   *string       `json:"content"`
+	ToolCalls []outToolCall `json:"tool_calls,omitempty"`
 }
 
 type chatResponse struct {

@@ -238,10 +238,24 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, e)
 		return
 	}
+	ts, e := parseTools(req.Tools, req.ToolChoice, req.ParallelToolCalls)
+	if e != nil {
+		s.refuse(w, r, e)
+		return
+	}
 	j.chat = true
-	in := &scheduler.Input{Messages: make([]ipc.ChatMessage, len(req.Messages))}
+	in := &scheduler.Input{Messages: make([]ipc.ChatMessage, len(req.Messages)),
+		Tools: ts.Tools, ToolChoice: ts.Choice, ToolName: ts.Name, OneCall: ts.OneCall}
 	for i, m := range req.Messages {
-		in.Messages[i] = ipc.ChatMessage{Role: m.Role, Content: texts[i]}
+		in.Messages[i] = ipc.ChatMessage{Role: m.Role, Content: texts[i], ToolCallID: m.ToolCallID}
+		if len(m.ToolCalls) > 0 {
+			calls, e := historyCalls(i, m.ToolCalls)
+			if e != nil {
+				s.refuse(w, r, e)
+				return
+			}
+			in.Messages[i].ToolCalls = calls
+		}
 	}
 	s.run(w, r, j, in, nil)
 }
@@ -405,6 +419,9 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 		return nil, e
 	}
 	p.Stop = stop
+	if p.Schema, e = parseResponseFormat(q.ResponseFormat); e != nil {
+		return nil, e
+	}
 	j.timeout = s.cfg.DefaultTimeout
 	if q.Timeout != nil {
 		if *q.Timeout <= 0 || math.IsNaN(*q.Timeout) {
@@ -575,6 +592,7 @@ func (s *Server) wait(ctx context.Context, req *scheduler.Request, tick <-chan t
 
 func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, j *job, log *slog.Logger) {
 	var text strings.Builder
+	var calls []outToolCall
 	var chatLP *chatLogprobs
 	var cmplLP *completionLogprobs
 	offset := 0
@@ -584,6 +602,10 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 	for {
 		ev := s.wait(ctx, req, nil, nil)
 		text.WriteString(ev.Text)
+		for _, c := range ev.Calls {
+			args := c.Arguments
+			calls = append(calls, outToolCall{ID: callID(req.ID, len(calls)), Type: "function", Function: outToolCallF{Name: c.Name, Arguments: &args}})
+		}
 		if j.params.Logprobs {
 			if j.chat {
 				chatLP.add(ev.Logprobs)
@@ -600,11 +622,15 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 		}
 		log.Debug("request done", "request", req.ID, "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens)
 		u := &usage{PromptTokens: ev.PromptTokens, CompletionTokens: ev.CompletionTokens, TotalTokens: ev.PromptTokens + ev.CompletionTokens}
-		id, created, reason := s.idFor(j, req), time.Now().Unix(), ev.FinishReason
+		id, created, reason := s.idFor(j, req), time.Now().Unix(), finishReason(ev.FinishReason, len(calls))
 		out := text.String()
 		if j.chat {
+			content := &out
+			if len(calls) > 0 && strings.TrimSpace(out) == "" {
+				content = nil
+			}
 			writeJSON(w, 200, chatResponse{ID: id, Object: "chat.completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
-				Choices: []chatChoice{{Index: 0, Message: &chatOutMsg{Role: "assistant", Content: &out}, Logprobs: chatLP, FinishReason: &reason}}, Usage: u})
+				Choices: []chatChoice{{Index: 0, Message: &chatFullMsg{Role: "assistant", Content: content, ToolCalls: calls}, Logprobs: chatLP, FinishReason: &reason}}, Usage: u})
 		} else {
 			writeJSON(w, 200, completionResponse{ID: id, Object: "text_completion", Created: created, Model: j.model, SystemFingerprint: "krserve",
 				Choices: []completionChoice{{Index: 0, Text: out, Logprobs: cmplLP, FinishReason: &reason}}, Usage: u})
@@ -652,6 +678,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	id, created := s.idFor(j, req), time.Now().Unix()
 	enc := newChunkEncoder(j.chat, id, created, j.model)
 	offset := 0 // completions: characters of output before the next token
+	nCalls := 0 // tool calls streamed
 	// A chunk with logprobs, the one chunk enc does not write by hand.
 	logprobsChunk := func(text string, lps []scheduler.TokenLogprob) any {
 		if j.chat {
@@ -739,6 +766,23 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			}
 			unflushed = true
 		}
+		for _, c := range ev.Calls {
+			// OpenAI's shape: the call's first chunk has index, id, type and
+			// name (with empty arguments); the arguments follow. The client
+			// concatenates strings per index, so id and name go out once.
+			i, empty, args := nCalls, "", c.Arguments
+			nCalls++
+			head := outToolCall{Index: &i, ID: callID(req.ID, i), Type: "function", Function: outToolCallF{Name: c.Name, Arguments: &empty}}
+			tail := outToolCall{Index: &i, Function: outToolCallF{Arguments: &args}}
+			for _, tc := range []outToolCall{head, tail} {
+				if !write(enc.event(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: j.model, SystemFingerprint: "krserve",
+					Choices: []chatChoice{{Index: 0, Delta: &chatOutMsg{ToolCalls: []outToolCall{tc}}, Logprobs: nil}}})) {
+					gone()
+					return
+				}
+			}
+			unflushed = true
+		}
 		if !ev.Done {
 			continue
 		}
@@ -753,7 +797,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			_ = rc.Flush()
 			return
 		}
-		reason := ev.FinishReason
+		reason := finishReason(ev.FinishReason, nCalls)
 		write(enc.finish(reason))
 		if j.includeUsage {
 			write(enc.usage(ev.PromptTokens, ev.CompletionTokens))
@@ -764,6 +808,15 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		log.Debug("request done", "request", req.ID, "finish_reason", reason, "completion_tokens", ev.CompletionTokens)
 		return
 	}
+}
+
+// finishReason is OpenAI's finish_reason: "tool_calls" when the model ended
+// its turn after calling tools.
+func finishReason(reason string, calls int) string {
+	if reason == "stop" && calls > 0 {
+		return "tool_calls"
+	}
+	return reason
 }
 
 func errorBody(e *apiError) map[string]any {

@@ -137,7 +137,26 @@ func TestInvalidRequests(t *testing.T) {
 		{"messages object", chatPath, `{"model":"t","messages":{"role":"user","content":"hi"}}`, badRequest("messages", "messages must be an array")},
 		{"message without role", chatPath, `{"model":"t","messages":[{"content":"hi"}]}`, badRequest("messages[0].role", "messages[0] has no role")},
 		{"null message", chatPath, `{"model":"t","messages":[null]}`, badRequest("messages[0].role", "messages[0] has no role")},
-		{"role tool", chatPath, `{"model":"t","messages":[{"role":"user","content":"hi"},{"role":"tool","content":"x"}]}`, badRequest("messages[1].role", `messages[1].role "tool" is not supported`)},
+		// Tools, tool_choice, response_format.
+		{"tools not array", chatPath, chatJSON(`,"tools":{"type":"function"}`), badRequest("tools", "tools must be an array")},
+		{"tool type", chatPath, chatJSON(`,"tools":[{"type":"retrieval"}]`), badRequest("tools[0].type", `tools[0].type must be "function"`)},
+		{"tool no function", chatPath, chatJSON(`,"tools":[{"type":"function"}]`), badRequest("tools[0].function", "tools[0] needs a function")},
+		{"tool bad name", chatPath, chatJSON(`,"tools":[{"type":"function","function":{"name":"get weather"}}]`), badRequest("tools[0].function.name", "letters, digits")},
+		{"tool dup name", chatPath, chatJSON(`,"tools":[{"type":"function","function":{"name":"f"}},{"type":"function","function":{"name":"f"}}]`), badRequest("tools[1].function.name", `two tools are named "f"`)},
+		{"tool params array", chatPath, chatJSON(`,"tools":[{"type":"function","function":{"name":"f","parameters":[1]}}]`), badRequest("tools[0].function.parameters", "must be a JSON object")},
+		{"tool_choice unknown name", chatPath, chatJSON(`,"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}`), badRequest("tool_choice", `names function "g", which is not in tools`)},
+		{"tool_choice bad mode", chatPath, chatJSON(`,"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"always"`), badRequest("tool_choice", `got "always"`)},
+		{"tool_choice required without tools", chatPath, chatJSON(`,"tool_choice":"required"`), badRequest("tool_choice", "needs tools")},
+		{"tool_choice named without tools", chatPath, chatJSON(`,"tool_choice":{"type":"function","function":{"name":"f"}}`), badRequest("tool_choice", "not in tools")},
+		{"tool_calls on user", chatPath, `{"model":"t","messages":[{"role":"user","content":"hi","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}]}`, badRequest("messages[0].tool_calls", "only assistant messages")},
+		{"tool call args number", chatPath, `{"model":"t","messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":5}}]}]}`, badRequest("messages[0].tool_calls[0].function.arguments", "must be a JSON string")},
+		{"response_format string", chatPath, chatJSON(`,"response_format":"json"`), badRequest("response_format", "must be an object")},
+		{"response_format type", chatPath, chatJSON(`,"response_format":{"type":"xml"}`), badRequest("response_format.type", `"xml" is not supported`)},
+		{"response_format no type", chatPath, chatJSON(`,"response_format":{}`), badRequest("response_format.type", "needs a type")},
+		{"json_schema missing", chatPath, chatJSON(`,"response_format":{"type":"json_schema"}`), badRequest("response_format.json_schema", "needs json_schema")},
+		{"json_schema no name", chatPath, chatJSON(`,"response_format":{"type":"json_schema","json_schema":{"schema":{}}}`), badRequest("response_format.json_schema.name", "1 to 64")},
+		{"json_schema array", cmplPath, cmplJSON(`,"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":[true]}}`), badRequest("response_format.json_schema.schema", "must be a JSON object")},
+		{"role tool", chatPath, `{"model":"t","messages":[{"role":"user","content":"hi"},{"role":"tool","content":"x"}]}`, badRequest("messages[1].tool_call_id", `messages[1] has role tool but no tool_call_id`)},
 		{"role number", chatPath, `{"model":"t","messages":[{"role":1,"content":"hi"}]}`, badRequest("messages", "messages must be an array")},
 		{"missing content", chatPath, `{"model":"t","messages":[{"role":"system","content":"s"},{"role":"user"}]}`, badRequest("messages[1].content", "messages[1] has no content")},
 		{"null content", chatPath, `{"model":"t","messages":[{"role":"user","content":null}]}`, badRequest("messages[0].content", "messages[0] has no content")},
@@ -594,12 +613,32 @@ func TestParamsReachWorker(t *testing.T) {
 			}
 			return ""
 		}},
+		{"tools and schema", chatPath, `{"model":"t","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":[{"id":"call_9","type":"function","function":{"name":"f","arguments":"{\"a\": 1}"}}]},{"role":"tool","tool_call_id":"call_9","content":"42"}],` +
+			`"tools":[{"type":"function","function":{"name":"f","description":"d","parameters":{ "type": "object" }}},{"type":"function","function":{"name":"g"}}],"tool_choice":{"type":"function","function":{"name":"g"}},"parallel_tool_calls":false,` +
+			`"response_format":{"type":"json_schema","json_schema":{"name":"out","strict":true,"schema":{ "type": "object", "properties": {} }}}}`, func(m ipc.Message) string {
+			if m.Tools != `[{"type":"function","function":{"name":"f","description":"d","parameters":{"type":"object"}}},{"type":"function","function":{"name":"g"}}]` {
+				return "tools " + m.Tools
+			}
+			if m.ToolChoice != "function" || m.ToolName != "g" || !m.OneCall || m.Schema != `{"type":"object","properties":{}}` {
+				return fmt.Sprintf("choice %q name %q one %v schema %q", m.ToolChoice, m.ToolName, m.OneCall, m.Schema)
+			}
+			if len(m.Messages) != 3 || fmt.Sprint(m.Messages[1].ToolCalls) != `[{call_9 f {"a": 1}}]` || m.Messages[1].Content != "" || m.Messages[2].ToolCallID != "call_9" || m.Messages[2].Content != "42" {
+				return fmt.Sprintf("messages %+v", m.Messages)
+			}
+			return ""
+		}},
+		{"json_object and tool_choice none", chatPath, chatJSON(`,"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none","response_format":{"type":"json_object"}`), func(m ipc.Message) string {
+			if m.ToolChoice != "none" || m.OneCall || m.Schema != `{"type":"object"}` {
+				return fmt.Sprintf("choice %q one %v schema %q", m.ToolChoice, m.OneCall, m.Schema)
+			}
+			return ""
+		}},
 		{"all set", chatPath, chatJSON(`,"max_tokens":20,"temperature":0.5,"top_p":0.9,"top_k":40,"min_p":0.05,"seed":7,"presence_penalty":0.5,"frequency_penalty":-0.5,"repetition_penalty":1.1,"logit_bias":{"5":-1.5},"stop":["\n",""]`), func(m ipc.Message) string {
 			if m.MaxTokens != 20 || m.Temperature != 0.5 || m.TopP != 0.9 || m.TopK != 40 || m.MinP != 0.05 || !m.HasSeed || m.Seed != 7 ||
 				m.PresencePenalty != 0.5 || m.FrequencyPenalty != -0.5 || m.RepetitionPenalty != 1.1 || fmt.Sprint(m.LogitBias) != "map[5:-1.5]" || fmt.Sprintf("%q", m.Stop) != `["\n"]` {
 				return fmt.Sprintf("%+v", m)
 			}
-			if m.Prompt != nil || m.Text != "" || m.Special || fmt.Sprint(m.Messages) != "[{user hi}]" {
+			if m.Prompt != nil || m.Text != "" || m.Special || fmt.Sprint(m.Messages) != "[{user hi [] }]" {
 				return fmt.Sprintf("prompt %v, text %q, special %v, messages %v", m.Prompt, m.Text, m.Special, m.Messages)
 			}
 			return ""
@@ -643,7 +682,7 @@ func TestParamsReachWorker(t *testing.T) {
 			return ""
 		}},
 		{"text parts joined", chatPath, `{"model":"t","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}`, func(m ipc.Message) string {
-			if fmt.Sprint(m.Messages) != "[{user ab}]" {
+			if fmt.Sprint(m.Messages) != "[{user ab [] }]" {
 				return fmt.Sprint(m.Messages)
 			}
 			return ""

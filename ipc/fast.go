@@ -14,7 +14,7 @@ package ipc
 // Decoding handles the scalar and list fields (everything a worker sends at
 // run time: tok with or without logprobs, done, error, pong; and gen,
 // cancel, ping without logit_bias). A frame with any other key (versions,
-// logit_bias, messages, or a key this version does not know) goes to
+// logit_bias, messages, a tok's calls, or a key this version does not know) goes to
 // decodeGeneric, after validate has walked it: the generic decoder trusts
 // array lengths (a 16-byte frame can make it allocate gigabytes) and recurses
 // without a depth limit. A known key with a value of another type (nil, bin, a
@@ -83,13 +83,32 @@ func appendBody(b []byte, m *Message) []byte {
 	if len(m.Messages) > 0 {
 		e.key("messages")
 		e.b = appendArrayLen(e.b, len(m.Messages))
-		for _, cm := range m.Messages { // a struct without omitempty: both keys, always
-			e.b = append(e.b, 0x82)
+		for _, cm := range m.Messages { // role and content always; the rest when set
+			n := 2
+			if len(cm.ToolCalls) > 0 {
+				n++
+			}
+			if cm.ToolCallID != "" {
+				n++
+			}
+			e.b = append(e.b, 0x80|byte(n))
 			e.b = appendStr(appendStr(e.b, "role"), cm.Role)
 			e.b = appendStr(appendStr(e.b, "content"), cm.Content)
+			if len(cm.ToolCalls) > 0 {
+				e.b = appendToolCalls(appendStr(e.b, "tool_calls"), cm.ToolCalls)
+			}
+			if cm.ToolCallID != "" {
+				e.b = appendStr(appendStr(e.b, "tool_call_id"), cm.ToolCallID)
+			}
 		}
 	}
 	e.bool("special", m.Special)
+	e.str("schema", m.Schema)
+	e.str("tools", m.Tools)
+	e.str("tool_choice", m.ToolChoice)
+	e.str("tool_name", m.ToolName)
+	e.bool("one_call", m.OneCall)
+	e.int("sent_calls", int64(m.SentCalls))
 	e.int32s("ids", m.IDs)
 	e.floats("lps", m.LPs)
 	e.strs("toks", m.Toks)
@@ -116,6 +135,10 @@ func appendBody(b []byte, m *Message) []byte {
 	e.str("reason", m.Reason)
 	e.int("ptoks", int64(m.PToks))
 	e.int("ctoks", int64(m.CToks))
+	if len(m.Calls) > 0 {
+		e.b = appendToolCalls(appendStr(e.b, "calls"), m.Calls)
+		e.n++
+	}
 	e.str("code", m.Code)
 	e.str("msg", m.Msg)
 	e.int("active", int64(m.Active))
@@ -220,6 +243,22 @@ func (e *encoder) strs(k string, v []string) {
 			e.b = appendStr(e.b, s)
 		}
 	}
+}
+
+// appendToolCalls appends calls as the generic encoder writes []ToolCall:
+// id when set, then name and arguments, always.
+func appendToolCalls(b []byte, calls []ToolCall) []byte {
+	b = appendArrayLen(b, len(calls))
+	for _, c := range calls {
+		if c.ID != "" {
+			b = appendStr(appendStr(append(b, 0x83), "id"), c.ID)
+		} else {
+			b = append(b, 0x82)
+		}
+		b = appendStr(appendStr(b, "name"), c.Name)
+		b = appendStr(appendStr(b, "arguments"), c.Arguments)
+	}
+	return b
 }
 
 // compareDecimal orders ints as their decimal text ("17" < "2").
@@ -402,6 +441,18 @@ func (d *decoder) message(m *Message) error {
 			m.Text = d.str()
 		case "special":
 			m.Special = d.bool()
+		case "schema":
+			m.Schema = d.str()
+		case "tools":
+			m.Tools = d.str()
+		case "tool_choice":
+			m.ToolChoice = d.str()
+		case "tool_name":
+			m.ToolName = d.str()
+		case "one_call":
+			m.OneCall = d.bool()
+		case "sent_calls":
+			m.SentCalls = int(d.int())
 		case "ids":
 			m.IDs = d.int32s()
 		case "lps":

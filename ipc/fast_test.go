@@ -143,7 +143,11 @@ func fill(t testing.TB, m *Message, i int64, n int) {
 		case [][]string:
 			f.Set(reflect.ValueOf([][]string{{"", strings.Repeat("w", n)}, {}}))
 		case []ChatMessage:
-			f.Set(reflect.ValueOf([]ChatMessage{{Role: "user", Content: strings.Repeat("c", n)}, {}}))
+			f.Set(reflect.ValueOf([]ChatMessage{{Role: "user", Content: strings.Repeat("c", n)}, {},
+				{Role: "assistant", ToolCalls: []ToolCall{{ID: "call_1", Name: "f", Arguments: strings.Repeat("a", n)}, {}}},
+				{Role: "tool", Content: "x", ToolCallID: strings.Repeat("i", n)}}))
+		case []ToolCall:
+			f.Set(reflect.ValueOf([]ToolCall{{Name: "f", Arguments: strings.Repeat("a", n)}, {ID: "c", Name: strings.Repeat("n", n)}, {}}))
 		default:
 			t.Fatalf("field %s has type %s, which fill (and maybe appendBody and decodeFast) does not know", name, f.Type())
 		}

@@ -8,10 +8,14 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 )
 
-// Version is the protocol version this supervisor speaks. Version 2: a gen
-// carries the prompt as text or chat messages, which the worker tokenizes
-// (version 1 had a separate tokenize round trip).
-const Version = 2
+// Version is the protocol version this supervisor speaks. Version 3: a gen
+// may carry a JSON schema to constrain its output (schema), tools for the chat
+// template and a tool choice (tools, tool_choice, tool_name, one_call,
+// sent_calls), chat messages with tool calls and tool results; a tok may carry
+// the tool calls the worker parsed (calls). Version 2: a gen carries the
+// prompt as text or chat messages, which the worker tokenizes (version 1 had a
+// separate tokenize round trip).
+const Version = 3
 
 // Message types (the "t" key).
 const (
@@ -26,10 +30,23 @@ const (
 	TPong     = "pong"
 )
 
-// ChatMessage is one entry of a gen's messages.
+// ChatMessage is one entry of a gen's messages. Role and content are always
+// on the wire; an assistant message's tool calls and a tool message's
+// tool_call_id only when set.
 type ChatMessage struct {
-	Role    string `msgpack:"role"`
-	Content string `msgpack:"content"`
+	Role       string     `msgpack:"role"`
+	Content    string     `msgpack:"content"`
+	ToolCalls  []ToolCall `msgpack:"tool_calls,omitempty"`
+	ToolCallID string     `msgpack:"tool_call_id,omitempty"`
+}
+
+// ToolCall is one function call: in a gen's assistant message (with the id the
+// client gave it) or in a tok's calls (without id: the supervisor names it).
+// Arguments is the JSON text of the arguments object.
+type ToolCall struct {
+	ID        string `msgpack:"id,omitempty"`
+	Name      string `msgpack:"name"`
+	Arguments string `msgpack:"arguments"`
 }
 
 // Message is the union of every frame body. Only the fields that
@@ -76,6 +93,19 @@ type Message struct {
 	Messages []ChatMessage `msgpack:"messages,omitempty"`
 	Special  bool          `msgpack:"special,omitempty"`
 
+	// gen: structured output and tools (protocol v3). Schema is the JSON
+	// Schema text the output must match (grammar-constrained); Tools the JSON
+	// text of the request's tools array (OpenAI shape), rendered by the chat
+	// template; ToolChoice "auto", "none" or "required", or "function" with
+	// ToolName; OneCall: at most one call (parallel_tool_calls false);
+	// SentCalls: on a resume, the calls already delivered.
+	Schema     string `msgpack:"schema,omitempty"`
+	Tools      string `msgpack:"tools,omitempty"`
+	ToolChoice string `msgpack:"tool_choice,omitempty"`
+	ToolName   string `msgpack:"tool_name,omitempty"`
+	OneCall    bool   `msgpack:"one_call,omitempty"`
+	SentCalls  int    `msgpack:"sent_calls,omitempty"`
+
 	// tok
 	IDs []int32 `msgpack:"ids,omitempty"`
 
@@ -89,6 +119,9 @@ type Message struct {
 	Reason string `msgpack:"reason,omitempty"`
 	PToks  int    `msgpack:"ptoks,omitempty"`
 	CToks  int    `msgpack:"ctoks,omitempty"`
+
+	// tok: tool calls completed since the last event (gen with tools)
+	Calls []ToolCall `msgpack:"calls,omitempty"`
 
 	// error
 	Code string `msgpack:"code,omitempty"`

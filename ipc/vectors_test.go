@@ -21,7 +21,7 @@ func canonical() []struct {
 		Name string
 		Msg  Message
 	}{
-		{"hello", Message{T: THello, V: 2, PID: 4242, Model: "/models/smollm2", Ctx: 8192, Vocab: 49152,
+		{"hello", Message{T: THello, V: 3, PID: 4242, Model: "/models/smollm2", Ctx: 8192, Vocab: 49152,
 			EOS: []int32{2}, Caps: []string{"resume", "stop", "penalties", "logit_bias", "seed"},
 			Versions: map[string]string{"krserve_worker": "0.1.0", "mlx": "0.32.4", "mlx_lm": "0.32.2", "python": "3.11.7"}}},
 		{"gen", Message{T: TGen, ID: 7, Prompt: []int32{1, 9690, 198, 300, 70000}, MaxTokens: 64, Temperature: 0.7,
@@ -36,12 +36,21 @@ func canonical() []struct {
 			Messages: []ChatMessage{{Role: "system", Content: "Be brief."}, {Role: "user", Content: "What is the capital of France?"}}}},
 		{"gen_chat_resume", Message{T: TGen, ID: 13, MaxTokens: 30, Resume: []int32{504, 11}, Sent: 6,
 			Messages: []ChatMessage{{Role: "user", Content: "Hi"}}}},
+		{"gen_schema", Message{T: TGen, ID: 14, MaxTokens: 64, Messages: []ChatMessage{{Role: "user", Content: "A city as JSON"}},
+			Schema: `{"type":"object","properties":{"name":{"type":"string"}},"required":["name"],"additionalProperties":false}`}},
+		{"gen_tools", Message{T: TGen, ID: 15, MaxTokens: 128, Messages: []ChatMessage{
+			{Role: "user", Content: "Weather in Paris?"},
+			{Role: "assistant", ToolCalls: []ToolCall{{ID: "call_1", Name: "get_weather", Arguments: `{"city":"Paris"}`}}},
+			{Role: "tool", Content: `{"temp":21}`, ToolCallID: "call_1"}},
+			Tools:      `[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}]`,
+			ToolChoice: "function", ToolName: "get_weather", OneCall: true, Resume: []int32{504}, SentCalls: 1}},
 		{"ping", Message{T: TPing, Seq: 3}},
 		{"shutdown", Message{T: TShutdown}},
 		{"tok", Message{T: TTok, ID: 7, IDs: []int32{504, 11}, Text: "Paris é 🙂"}},
 		{"tok_logprobs", Message{T: TTok, ID: 12, IDs: []int32{504, 11}, Text: "Paris é", LPs: []float64{-0.25, -1.5},
 			Toks: []string{" Paris", " é"}, TopLPs: [][]float64{{-0.25, -2}, {-1.5, -1.75}}, TopToks: [][]string{{" Paris", " Lyon"}, {" é", "\ufffd"}}}},
 		{"tok_held", Message{T: TTok, ID: 7, IDs: []int32{216}}},
+		{"tok_calls", Message{T: TTok, ID: 15, IDs: []int32{29}, Calls: []ToolCall{{Name: "get_weather", Arguments: `{"city":"Paris"}`}}}},
 		{"done", Message{T: TDone, ID: 7, Reason: "stop", PToks: 5, CToks: 12, Text: "tail"}},
 		{"done_length", Message{T: TDone, ID: 8, Reason: "length", PToks: 5, CToks: 10}},
 		{"error", Message{T: TError, ID: 7, Code: "invalid", Msg: "top_p must be in [0, 1]"}},

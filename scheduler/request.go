@@ -60,6 +60,9 @@ type Params struct {
 	Stop              []string
 	Logprobs          bool // send each token's logprob (Event.Logprobs)
 	TopLogprobs       int  // with Logprobs: this many alternatives per token (0..20)
+	// Schema: the JSON Schema text the output must match (grammar-constrained
+	// by the worker); "" for free output.
+	Schema string
 }
 
 // TokenLogprob is one generated token's logprob, as the worker reported it.
@@ -81,6 +84,9 @@ type Event struct {
 	Tokens int    // tokens this event accounts for
 	// With Params.Logprobs: one entry per token of this event, in order.
 	Logprobs []TokenLogprob
+	// Tool calls the worker parsed out of the output (Input.Tools), in
+	// order, without ids.
+	Calls []ipc.ToolCall
 
 	Done             bool
 	FinishReason     string // "stop" or "length", with Done
@@ -91,11 +97,18 @@ type Event struct {
 
 // Input is a prompt that the worker tokenizes (off its model thread): Text,
 // with the tokenizer's special tokens when Special, or chat Messages rendered
-// by the model's chat template with the generation prompt appended.
+// by the model's chat template with the generation prompt appended, and
+// with the Tools offered (the JSON text of an OpenAI tools array).
+// ToolChoice is auto, none, required, or function (ToolName); OneCall allows
+// at most one call.
 type Input struct {
-	Text     string
-	Messages []ipc.ChatMessage
-	Special  bool
+	Text       string
+	Messages   []ipc.ChatMessage
+	Special    bool
+	Tools      string
+	ToolChoice string
+	ToolName   string
+	OneCall    bool
 }
 
 // Request is one generation request. Create it with NewRequest or
@@ -112,6 +125,7 @@ type Request struct {
 	// Owned by the scheduler (under its mutex).
 	generated    []int32
 	sentBytes    int
+	sentCalls    int  // tool calls delivered (a resume skips them)
 	crashes      int  // worker crashes lived through
 	suspect      bool // in flight during a crash and not yet cleared by probation
 	crashAt      int  // tokens generated when its worker last died
@@ -155,9 +169,12 @@ func NewInputRequest(id uint64, in Input, p Params) *Request {
 // text under a BPE vocabulary runs at about four) plus a few for each chat
 // message's template markup.
 func estimateTokens(in *Input) int {
-	n := len(in.Text)
+	n := len(in.Text) + len(in.Tools)
 	for _, m := range in.Messages {
 		n += len(m.Role) + len(m.Content) + 16
+		for _, c := range m.ToolCalls {
+			n += len(c.Name) + len(c.Arguments) + 16
+		}
 	}
 	return max(1, (n+3)/4)
 }
@@ -213,8 +230,14 @@ func (r *Request) genMessage() *ipc.Message {
 		Text:              r.Input.Text,
 		Messages:          r.Input.Messages,
 		Special:           r.Input.Special,
+		Schema:            p.Schema,
+		Tools:             r.Input.Tools,
+		ToolChoice:        r.Input.ToolChoice,
+		ToolName:          r.Input.ToolName,
+		OneCall:           r.Input.OneCall,
 		Resume:            r.generated,
 		Sent:              r.sentBytes,
+		SentCalls:         r.sentCalls,
 		Logprobs:          p.Logprobs,
 		TopLogprobs:       p.TopLogprobs,
 	}

@@ -343,13 +343,13 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 		if err := checkLogprobs(m); err != nil {
 			return err
 		}
-		s.onTokensLocked(r, m.IDs, m.Text, logprobs(m), now)
+		s.onTokensLocked(r, m.IDs, m.Text, logprobs(m), m.Calls, now)
 		if sl.probation == r && len(r.generated) >= r.crashAt+s.cfg.ProbationTokens {
 			s.endProbationLocked(sl)
 		}
 	case ipc.TDone:
-		if m.Text != "" || len(m.IDs) > 0 {
-			s.onTokensLocked(r, m.IDs, m.Text, nil, now)
+		if m.Text != "" || len(m.IDs) > 0 || len(m.Calls) > 0 {
+			s.onTokensLocked(r, m.IDs, m.Text, nil, m.Calls, now)
 		}
 		r.ptoks = m.PToks
 		if r.Prompt == nil { // prefilled: the prompt, then what earlier workers generated
@@ -394,7 +394,7 @@ func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
 	s.checkIdleLocked()
 }
 
-func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []TokenLogprob, now time.Time) {
+func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []TokenLogprob, calls []ipc.ToolCall, now time.Time) {
 	n := len(ids)
 	r.dispatchToks += n
 	r.generated = append(r.generated, ids...)
@@ -402,6 +402,7 @@ func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []T
 	if r.keepReply {
 		r.reply.WriteString(text)
 	}
+	r.sentCalls += len(calls)
 	if n > 0 {
 		if r.firstToken.IsZero() {
 			r.firstToken = now
@@ -421,8 +422,8 @@ func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []T
 	if r.cancelled || r.finished {
 		return
 	}
-	if n > 0 || text != "" {
-		r.out.push(Event{Text: text, Tokens: n, Logprobs: lps})
+	if n > 0 || text != "" || len(calls) > 0 {
+		r.out.push(Event{Text: text, Tokens: n, Logprobs: lps, Calls: calls})
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"testing"
 	"testing/synctest"
@@ -674,7 +675,7 @@ func TestInputRequest(t *testing.T) {
 		}
 		w1 := h.addWorker(1)
 		g := w1.gens()
-		if len(g) != 1 || g[0].Prompt != nil || !slices.Equal(g[0].Messages, chat.Messages) || g[0].Text != "" {
+		if len(g) != 1 || g[0].Prompt != nil || !reflect.DeepEqual(g[0].Messages, chat.Messages) || g[0].Text != "" {
 			t.Fatalf("gen frames %+v", g)
 		}
 		if st := h.s.State(); st.QueueTokens != 0 {
@@ -685,7 +686,7 @@ func TestInputRequest(t *testing.T) {
 		h.crash(1)
 		w2 := h.addWorker(2)
 		g = w2.gens()
-		if len(g) != 1 || !slices.Equal(g[0].Messages, chat.Messages) || !slices.Equal(g[0].Resume, []int32{7, 8}) || g[0].Sent != 5 || g[0].MaxTokens != 6 {
+		if len(g) != 1 || !reflect.DeepEqual(g[0].Messages, chat.Messages) || !slices.Equal(g[0].Resume, []int32{7, 8}) || g[0].Sent != 5 || g[0].MaxTokens != 6 {
 			t.Fatalf("resumed gen %+v", g)
 		}
 		h.tok(2, r, ".", 9)

@@ -1,4 +1,4 @@
-"""Protocol v2 encoding: byte-for-byte agreement with the Go vectors, framing errors."""
+"""Protocol v3 encoding: byte-for-byte agreement with the Go vectors, framing errors."""
 
 import json
 import os
@@ -37,6 +37,8 @@ def test_constructors_match_vectors():
                              "krserve_worker": "0.1.0"}) == BY_NAME["hello"]
     assert P.tok(7, [504, 11], "Paris é 🙂") == BY_NAME["tok"]
     assert P.tok(7, [216], "") == BY_NAME["tok_held"]
+    assert P.tok(15, [29], "", calls=[{"name": "get_weather", "arguments": '{"city":"Paris"}'}]) \
+        == BY_NAME["tok_calls"]
     assert P.tok(12, [504, 11], "Paris é", lps=[-0.25, -1.5], toks=[" Paris", " é"],
                  top_lps=[[-0.25, -2], [-1.5, -1.75]],
                  top_toks=[[" Paris", " Lyon"], [" é", "\ufffd"]]) == BY_NAME["tok_logprobs"]

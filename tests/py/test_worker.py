@@ -7,6 +7,7 @@ import time
 import pytest
 
 from conftest import BLAS, summarize
+from krserve_worker import protocol
 
 EOS = 2  # <|im_end|> in the tiny model
 NO_EOS = {EOS: -1e9}  # logit_bias that suppresses EOS: exact lengths
@@ -59,13 +60,13 @@ def test_hello(worker, tiny_model):
     import mlx_lm
 
     h = worker.hello_msg
-    assert h["v"] == 2
+    assert h["v"] == protocol.VERSION == 3
     assert h["pid"] == worker.proc.pid
     assert h["model"] == tiny_model
     assert h["ctx"] == 2048
     assert h["vocab"] == 512
     assert h["eos"] == [EOS]
-    assert h["caps"] == ["resume", "stop", "penalties", "logit_bias", "seed"]
+    assert h["caps"] == ["resume", "stop", "penalties", "logit_bias", "seed", "schema", "tools"]
     assert h["versions"] == {"krserve_worker": "0.1.0", "mlx": mx.__version__,
                              "mlx_lm": mlx_lm.__version__,
                              "python": platform.python_version(),

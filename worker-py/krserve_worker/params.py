@@ -60,6 +60,8 @@ class GenParams:
     sent: int = 0
     logprobs: bool = False
     top_logprobs: int = 0
+    one_call: bool = False  # parallel_tool_calls false
+    sent_calls: int = 0  # resume: tool calls already delivered
 
 
 def _is_int(v) -> bool:
@@ -166,10 +168,18 @@ def parse_gen(msg: dict, vocab: int, ctx: int = 0, prompt: list[int] | None = No
     if top_logprobs and not logprobs:
         raise InvalidRequest("top_logprobs needs logprobs")
 
+    one_call = msg.get("one_call", False)
+    if not isinstance(one_call, bool):
+        raise InvalidRequest("one_call must be a bool")
+    sent_calls = _int(msg, "sent_calls", lo=0)
+    if sent_calls and not resume:
+        raise InvalidRequest("sent_calls without resume tokens")
+
     return GenParams(
         id=rid, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, has_seed=has_seed,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=logit_bias, stop=list(stop),
         resume=resume, sent=sent, logprobs=logprobs, top_logprobs=top_logprobs,
+        one_call=one_call, sent_calls=sent_calls,
     )

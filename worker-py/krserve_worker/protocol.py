@@ -1,4 +1,4 @@
-"""Message encoding for protocol v2 (docs/protocol.md), byte-compatible with Go.
+"""Message encoding for protocol v3 (docs/protocol.md), byte-compatible with Go.
 
 The Go side (``ipc.Message``) is one struct for every message type, encoded with
 ``omitempty``, compact ints and float64 floats; its field order is the wire
@@ -9,7 +9,10 @@ Nested maps follow the Go encoder too: ``map[string]string`` (``versions``) is
 written with sorted keys (``SetSortMapKeys``), while ``map[int32]float64``
 (``logit_bias``) is written in Go's map iteration order, so the Python encoder
 keeps the order it was given (a decoded frame re-encodes byte for byte).
-``messages`` entries are a struct in Go: always ``role`` then ``content``.
+``messages`` entries are a struct in Go: always ``role`` then ``content``, then
+``tool_calls`` and ``tool_call_id`` when set; a tool call (in a message's
+``tool_calls`` and a tok's ``calls``) is ``id`` when set, then ``name`` and
+``arguments`` always.
 
 This module imports only the standard library and msgpack.
 """
@@ -20,10 +23,10 @@ import struct
 
 import msgpack
 
-VERSION = 2
+VERSION = 3
 MAX_FRAME = 16 << 20  # bytes of body, checked before allocating
 
-CAPS = ["resume", "stop", "penalties", "logit_bias", "seed"]
+CAPS = ["resume", "stop", "penalties", "logit_bias", "seed", "schema", "tools"]
 
 # Wire order of every key (Go: ipc.Message field order).
 KEY_ORDER = (
@@ -37,10 +40,14 @@ KEY_ORDER = (
     "logit_bias", "stop", "resume", "sent", "logprobs", "top_logprobs",
     # gen's prompt as text or chat messages (text: also tok and done)
     "text", "messages", "special",
+    # gen: structured output and tools (v3)
+    "schema", "tools", "tool_choice", "tool_name", "one_call", "sent_calls",
     # tok
     "ids", "lps", "toks", "top_lps", "top_toks",
     # done
     "reason", "ptoks", "ctoks",
+    # tok: parsed tool calls (v3)
+    "calls",
     # error
     "code", "msg",
     # pong
@@ -53,11 +60,12 @@ _FLOAT_KEYS = frozenset(
     {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
      "frequency_penalty"}
 )
-_BOOL_KEYS = frozenset({"has_seed", "special", "logprobs"})
-_STR_KEYS = frozenset({"t", "model", "text", "reason", "code", "msg"})
+_BOOL_KEYS = frozenset({"has_seed", "special", "logprobs", "one_call"})
+_STR_KEYS = frozenset({"t", "model", "text", "reason", "code", "msg", "schema", "tools",
+                       "tool_choice", "tool_name"})
 _INT_KEYS = frozenset(
     {"v", "pid", "ctx", "vocab", "id", "seq", "max_tokens", "top_k", "seed", "sent",
-     "top_logprobs",
+     "top_logprobs", "sent_calls",
      "ptoks", "ctoks", "active", "mem_active", "mem_peak", "rss"}
 )
 _INT_LIST_KEYS = frozenset({"eos", "prompt", "resume", "ids"})
@@ -112,9 +120,30 @@ def _normalize(key: str, v):
         return {str(k): str(v[k]) for k in sorted(v, key=str)}
     if key == "logit_bias":  # map[int32]float64, Go map order: keep ours
         return {int(k): float(x) for k, x in v.items()}
-    if key == "messages":  # []ChatMessage (struct: role, content; no omitempty)
-        return [{"role": m.get("role", ""), "content": m.get("content", "")} for m in v]
+    if key == "messages":  # []ChatMessage: role, content; tool_calls, tool_call_id when set
+        out = []
+        for m in v:
+            e = {"role": m.get("role", ""), "content": m.get("content", "")}
+            if m.get("tool_calls"):
+                e["tool_calls"] = _calls(m["tool_calls"])
+            if m.get("tool_call_id"):
+                e["tool_call_id"] = str(m["tool_call_id"])
+            out.append(e)
+        return out
+    if key == "calls":  # []ToolCall
+        return _calls(v)
     raise KeyError(f"unknown message key {key!r}")
+
+
+def _calls(v) -> list[dict]:
+    """[]ToolCall as Go writes it: id when set, then name and arguments."""
+    out = []
+    for c in v:
+        e = {"id": str(c["id"])} if c.get("id") else {}
+        e["name"] = str(c.get("name", ""))
+        e["arguments"] = str(c.get("arguments", ""))
+        out.append(e)
+    return out
 
 
 def encode_body(msg: dict) -> bytes:
@@ -193,18 +222,19 @@ def hello(*, v: int = VERSION, pid: int, model: str, ctx: int, vocab: int,
 
 
 def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=None,
-        top_toks=None) -> bytes:
+        top_toks=None, calls=None) -> bytes:
     """``lps``/``toks``/``top_lps``/``top_toks``: per-token logprob data, one
-    entry per id (only when the gen asked for ``logprobs``)."""
-    m = {"t": "tok", "id": id, "ids": ids, "text": text}
+    entry per id (only when the gen asked for ``logprobs``). ``calls``: tool
+    calls completed with these tokens, ``{"name", "arguments"}`` each."""
+    m = {"t": "tok", "id": id, "ids": ids, "text": text, "calls": calls}
     if lps:
         m.update(lps=lps, toks=toks, top_lps=top_lps, top_toks=top_toks)
     return encode(m)
 
 
-def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "") -> bytes:
+def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "", calls=None) -> bytes:
     return encode({"t": "done", "id": id, "reason": reason, "ptoks": ptoks,
-                   "ctoks": ctoks, "text": text})
+                   "ctoks": ctoks, "text": text, "calls": calls})
 
 
 def error(id: int, code: str, msg: str) -> bytes:

@@ -1,4 +1,4 @@
-"""The worker: load the model, speak protocol v2 (docs/protocol.md), generate.
+"""The worker: load the model, speak protocol v3 (docs/protocol.md), generate.
 
 Threads:
 
@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 
-from . import __version__, blas, faults, protocol
+from . import __version__, blas, faults, grammar, protocol, tools
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
 from .protocol import ProtocolError
@@ -200,13 +200,14 @@ def _need_id(msg) -> int:
 
 class Reader(threading.Thread):
     def __init__(self, reader: FrameReader, writer: FrameWriter, q: queue.Queue,
-                 tokenizer, shared: Shared):
+                 tokenizer, shared: Shared, grammars=None):
         super().__init__(name="krserve-reader", daemon=True)
         self.reader = reader
         self.writer = writer
         self.q = q
         self.tokenizer = tokenizer
         self.shared = shared
+        self.grammars = grammars  # grammar.Grammars, or None when llguidance is missing
 
     def run(self):
         try:
@@ -248,6 +249,28 @@ class Reader(threading.Thread):
             log(f"reader thread crashed: {e!r}")
             self.q.put(("exit", EXIT_PROTOCOL, repr(e)))
 
+    def constraint(self, msg, treq):
+        """``Constraint`` for a gen: its grammar's matcher (advanced over the
+        resumed tokens) and how its calls are parsed; None for a free gen."""
+        schema = msg.get("schema", "")
+        fmt = None
+        if treq is not None and treq.choice != "none":
+            model_fmt = tools.model_format(self.tokenizer)
+            fmt = model_fmt or tools.FALLBACK
+            if treq.constrained and not tools.grammar_is_native(model_fmt):
+                fmt = tools.FALLBACK  # the grammar writes json_tools calls
+        if not schema and not (treq is not None and treq.constrained):
+            return Constraint(None, fmt, treq) if fmt else None
+        if self.grammars is None:
+            raise InvalidRequest("structured output needs llguidance, which this worker "
+                                 "could not load (see its log)")
+        if treq is not None and treq.constrained:  # the calls' grammar wins over a schema
+            matcher = tools.call_matcher(self.grammars, treq)
+        else:
+            matcher = self.grammars.schema_matcher(schema)
+        grammar.replay(matcher, msg.get("resume") or [])
+        return Constraint(matcher, fmt, treq)
+
     def pong(self, msg):
         seq = msg.get("seq", 0)
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
@@ -256,17 +279,23 @@ class Reader(threading.Thread):
         self.writer.write(protocol.pong(seq, s.active, s.mem_active, s.mem_peak, read_rss()))
 
     def tokenize(self, msg) -> bool:
-        """Tokenize a gen's text or messages into ``msg[TOKENIZED]``. A gen
-        of prompt ids passes as it is; one without is a text gen (an empty
-        text is omitted on the wire). Reports whether the gen goes on to the
-        main thread; a refusal is answered here."""
+        """Tokenize a gen's text or messages into ``msg[TOKENIZED]`` and
+        compile its grammar (``schema``, or the calls a ``tool_choice``
+        demands) into ``msg[CONSTRAINT]``. A gen of prompt ids passes as it
+        is; one without is a text gen (an empty text is omitted on the wire).
+        Reports whether the gen goes on to the main thread; a refusal is
+        answered here."""
         rid = msg["id"]
         try:
+            treq = tools.parse_tool_request(msg)
+            if treq is not None and not msg.get("messages"):
+                raise InvalidRequest("tools need a chat prompt (messages)")
             if msg.get("prompt"):
                 if "text" in msg or "messages" in msg:
                     raise InvalidRequest("a gen carries prompt ids or text or messages, not both")
-                return True
-            msg[TOKENIZED] = tokenize(self.tokenizer, msg)
+            else:
+                msg[TOKENIZED] = tokenize(self.tokenizer, msg, treq)
+            msg[CONSTRAINT] = self.constraint(msg, treq)
             return True
         except InvalidRequest as e:
             answer = protocol.error(rid, e.code, str(e))
@@ -277,30 +306,53 @@ class Reader(threading.Thread):
         return False
 
 
-# The key under which the reader thread leaves a gen's tokenized prompt (not a
-# wire key: it never leaves the process).
+# The keys under which the reader thread leaves a gen's tokenized prompt and
+# its Constraint (not wire keys: they never leave the process).
 TOKENIZED = "_prompt_ids"
+CONSTRAINT = "_constraint"
 
 
-def tokenize(tokenizer, msg) -> list[int]:
+class Constraint:
+    """What the reader thread prepared for a constrained or tool-calling gen:
+    the grammar's ``LLMatcher`` (None: free output), the ``tools.CallFormat``
+    its calls are parsed with (None: no tool calls) and the ``ToolRequest``."""
+
+    __slots__ = ("matcher", "fmt", "treq")
+
+    def __init__(self, matcher, fmt, treq):
+        self.matcher, self.fmt, self.treq = matcher, fmt, treq
+
+
+def _check_message(m) -> dict:
+    if not isinstance(m, dict):
+        raise InvalidRequest("each message must be a map with role and content")
+    role, content = m.get("role", ""), m.get("content", "")
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise InvalidRequest("message role and content must be strings")
+    calls = m.get("tool_calls") or []
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str)
+            and isinstance(c.get("arguments", ""), str) for c in calls):
+        raise InvalidRequest("message tool_calls must be a list of {id, name, arguments}")
+    if not isinstance(m.get("tool_call_id", ""), str):
+        raise InvalidRequest("message tool_call_id must be a string")
+    return m
+
+
+def tokenize(tokenizer, msg, treq=None) -> list[int]:
     """A gen's prompt as ids: the chat template (with the generation prompt)
-    applied to ``messages`` when present, else ``text`` encoded (``special``
-    adds the tokenizer's special tokens, such as BOS)."""
+    applied to ``messages`` when present, with the tools of ``treq``
+    (tools.chat_messages), else ``text`` encoded (``special`` adds the
+    tokenizer's special tokens, such as BOS)."""
     messages = msg.get("messages") or []
     if messages:
         if not isinstance(messages, list):
             raise InvalidRequest("messages must be a list")
-        chat = []
-        for m in messages:
-            if not isinstance(m, dict):
-                raise InvalidRequest("each message must be a map with role and content")
-            role, content = m.get("role", ""), m.get("content", "")
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise InvalidRequest("message role and content must be strings")
-            chat.append({"role": role, "content": content})
+        chat, kwargs = tools.chat_messages(tokenizer, [_check_message(m) for m in messages], treq)
         if not getattr(tokenizer, "has_chat_template", False):
             raise InvalidPrompt("the model has no chat template")
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                            **kwargs)
     else:
         text = msg.get("text", "")
         if not isinstance(text, str):
@@ -316,7 +368,8 @@ def tokenize(tokenizer, msg) -> list[int]:
 
 
 class Request:
-    __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors", "fault")
+    __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors", "grammar",
+                 "calls", "carry", "fault")
 
     def __init__(self, p, text: TextStream):
         self.p = p
@@ -327,6 +380,19 @@ class Request:
         self.sampler = None
         self.processors = []
         self.fault = None  # faults.Armed, only under KRSERVE_WORKER_FAULT
+        self.grammar: grammar.GrammarProcessor | None = None
+        self.calls: tools.CallStream | None = None  # splits tool calls out of the text
+        self.carry = ("", [])  # content and calls a resume found undelivered
+
+    def output(self, text: str, final: bool = False) -> tuple[str, list]:
+        """The content and tool calls of a text delta (after stop strings)."""
+        if self.calls is None:
+            return text, []
+        content, calls = self.calls.feed(text, final)
+        if self.carry[0] or self.carry[1]:
+            content, calls = self.carry[0] + content, self.carry[1] + calls
+            self.carry = ("", [])
+        return content, calls
 
 
 class Worker:
@@ -370,6 +436,7 @@ class Worker:
         self.faults = faults
         self._libc = None
         self.tok_cache: dict[int, str] = {}  # token id -> its text (logprobs)
+        self.mask = grammar.pick_mask()
         self.publish()
 
     # -- bookkeeping --
@@ -405,10 +472,18 @@ class Worker:
         from .sampling import build_processors, build_sampler
 
         rid = msg["id"]
+        con: Constraint | None = msg.get(CONSTRAINT)
+        calls = None
         try:
             p = parse_gen(msg, self.vocab, self.ctx, msg.get(TOKENIZED))
             text = TextStream(self.tokenizer.detokenizer, p.stop)
-            if p.resume:
+            if con is not None and con.fmt is not None:
+                # Content and calls are counted apart: the text is replayed
+                # whole and CallStream skips what was delivered.
+                calls = tools.CallStream(con.fmt, con.treq.tools, p.sent, p.sent_calls)
+                if p.resume:
+                    text.replay(p.resume, 0)
+            elif p.resume:
                 text.replay(p.resume, p.sent)
         except InvalidRequest as e:
             out.append(protocol.error(rid, e.code, str(e)))
@@ -419,6 +494,7 @@ class Worker:
         req = Request(p, text)
         if self.faults:
             req.fault = self.faults.arm(msg)
+        req.calls = calls
         if p.resume:
             # A stop string already complete in the replayed text (the
             # previous worker died between the token that completed it and
@@ -430,11 +506,18 @@ class Worker:
                 if not stop:
                     text.finalize()
                 rest, stopped = text.take(final=True)
-                out.append(protocol.done(rid, "stop" if stopped else "length", req.ptoks, 0, rest))
+                rest, rest_calls = req.output(rest, final=True)
+                out.append(protocol.done(rid, "stop" if stopped else "length", req.ptoks, 0, rest,
+                                         calls=rest_calls))
                 return
+            if calls is not None:
+                req.carry = calls.feed(text.take()[0])
         try:
             req.sampler = build_sampler(p, self.vocab)
             req.processors = build_processors(p)
+            if con is not None and con.matcher is not None:
+                req.grammar = grammar.GrammarProcessor(con.matcher, self.vocab, self.mask)
+                req.processors = list(req.processors) + [req.grammar]  # last: masks the rest
         except Exception as e:
             out.append(protocol.error(rid, "invalid", f"bad sampling parameters: {e}"))
             return
@@ -553,34 +636,46 @@ class Worker:
     def on_token(self, req: Request, token: int, finish_reason, out, lp=None):
         rid = req.p.id
         req.ctoks += 1
+        if req.grammar is not None and req.grammar.error:
+            # The matcher refused a sampled token: a bug, never silently unconstrained.
+            log(f"request {rid}: {req.grammar.error}")
+            out.append(protocol.error(rid, "internal", req.grammar.error))
+            self.finish(req, remove=finish_reason is None)
+            return
         if token in self.eos and finish_reason == "stop":
             # EOS: its text is not output; flush what was held back.
             req.text.finalize()
             rest, _ = req.text.take(final=True)
-            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest))
+            rest, calls = req.output(rest, final=True)
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls))
             self.finish(req, remove=False)
             return
         req.text.add(token)
         text, stopped = req.text.take()
+        text, calls = req.output(text)
         if lp is None:
-            out.append(protocol.tok(rid, [token], text))
+            out.append(protocol.tok(rid, [token], text, calls=calls))
         else:
             chosen, tok_text, top_lps, top_toks = lp
             out.append(protocol.tok(rid, [token], text, lps=[chosen], toks=[tok_text],
                                     top_lps=[top_lps] if top_lps else None,
-                                    top_toks=[top_toks] if top_toks else None))
+                                    top_toks=[top_toks] if top_toks else None, calls=calls))
         if req.fault and req.fault.after_token(req.ctoks):
             self.write(out)  # the token reaches the supervisor; its done does not
             out.clear()
             faults.crash(f"segv-after-tokens: request {rid} after {req.ctoks} token(s)")
+        if not stopped and req.p.one_call and req.calls is not None and req.calls.n_calls:
+            stopped = True  # parallel_tool_calls false: the first call ends the answer
         if stopped:
-            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks))
+            rest, calls = req.output("", final=True)
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls))
             self.finish(req, remove=finish_reason is None)
         elif finish_reason is not None:  # "length"
             req.text.finalize()
             rest, stopped = req.text.take(final=True)
+            rest, calls = req.output(rest, final=True)
             reason = "stop" if stopped else "length"
-            out.append(protocol.done(rid, reason, req.ptoks, req.ctoks, rest))
+            out.append(protocol.done(rid, reason, req.ptoks, req.ctoks, rest, calls=calls))
             self.finish(req, remove=False)
 
     def make_noise(self):
@@ -710,6 +805,15 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         injected = faults.Faults.from_env(os.environ, tokenizer)
     except faults.FaultSpecError as e:
         return fatal(str(e), EXIT_LOAD)
+    grammars = None
+    t0 = time.monotonic()
+    try:
+        grammars = grammar.Grammars(tokenizer._tokenizer, vocab, tokenizer.eos_token_ids)
+        log(f"llguidance tokenizer built in {time.monotonic() - t0:.2f}s")
+    except Exception as e:  # structured output and tool choice are then refused, not ignored
+        log(f"llguidance unavailable ({type(e).__name__}: {e}): requests with response_format "
+            "or a required tool_choice will be refused")
+
     shared = Shared()
     q: queue.Queue = queue.Queue()
     worker = Worker(model, tokenizer, vocab=vocab, ctx=ctx, args=args, writer=writer,
@@ -721,7 +825,7 @@ def main(argv, proto_in: int, proto_out: int) -> int:
                   "mlx_lm": mlx_lm.__version__, "python": platform.python_version(),
                   "blas": " ".join(blas_info.split()[:2]) if blas_info.startswith("OpenBLAS") else "bundled"},
     ))
-    Reader(FrameReader(proto_in), writer, q, tokenizer, shared).start()
+    Reader(FrameReader(proto_in), writer, q, tokenizer, shared, grammars).start()
     try:
         return worker.run()
     except BrokenPipeError:

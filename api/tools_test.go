@@ -1,0 +1,143 @@
+package api
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+const toolsJSON = `"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}},{"type":"function","function":{"name":"g"}}]`
+
+// TestToolCallsResponse: calls the worker parsed come back in OpenAI's shape,
+// with unique ids, content beside them and finish_reason tool_calls.
+func TestToolCallsResponse(t *testing.T) {
+	h := newHarness(t, func(c *harnessConfig) { c.workers = []workerConfig{{tokens: 4}} })
+	resp, body := h.do("POST", chatPath, chatJSON(`,`+toolsJSON+`,"tool_choice":{"type":"function","function":{"name":"g"}}`))
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d %s", resp.StatusCode, body)
+	}
+	var out struct {
+		Choices []struct {
+			Message struct {
+				Role      string  `json:"role"`
+				Content   *string `json:"content"`
+				ToolCalls []struct {
+					ID       string `json:"id"`
+					Type     string `json:"type"`
+					Function struct {
+						Name      string `json:"name"`
+						Arguments string `json:"arguments"`
+					} `json:"function"`
+				} `json:"tool_calls"`
+			} `json:"message"`
+			FinishReason string `json:"finish_reason"`
+		} `json:"choices"`
+	}
+	if err := json.Unmarshal(body, &out); err != nil {
+		t.Fatal(err)
+	}
+	c := out.Choices[0]
+	if c.FinishReason != "tool_calls" || c.Message.Content == nil || *c.Message.Content != "w0 w2 " || len(c.Message.ToolCalls) != 2 {
+		t.Fatalf("%s", body)
+	}
+	for i, tc := range c.Message.ToolCalls {
+		if tc.Type != "function" || tc.Function.Name != "g" || tc.Function.Arguments != fmt.Sprintf(`{"i":%d}`, 2*i+1) || !strings.HasPrefix(tc.ID, "call_") {
+			t.Errorf("call %d: %+v", i, tc)
+		}
+	}
+	if c.Message.ToolCalls[0].ID == c.Message.ToolCalls[1].ID {
+		t.Errorf("ids repeat: %s", body)
+	}
+	// Without tool calls the finish reason stays stop, and content is a string.
+	_, body = h.do("POST", chatPath, chatJSON(`,`+toolsJSON+`,"tool_choice":"none"`))
+	if !strings.Contains(string(body), `"content":"w0 w1 w2 w3 "`) || !strings.Contains(string(body), `"finish_reason":"stop"`) || strings.Contains(string(body), "tool_calls") {
+		t.Errorf("tool_choice none: %s", body)
+	}
+}
+
+// TestToolCallsStream: each call's id, type and name are sent once (the
+// client concatenates strings), arguments follow under the same index.
+func TestToolCallsStream(t *testing.T) {
+	h := newHarness(t, func(c *harnessConfig) { c.workers = []workerConfig{{tokens: 4}} })
+	resp, body := h.do("POST", chatPath, chatJSON(`,"stream":true,`+toolsJSON+`,"tool_choice":"required"`))
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d %s", resp.StatusCode, body)
+	}
+	type call struct{ id, typ, name, args string }
+	calls := map[int]*call{}
+	ids, names, roles := map[int]int{}, map[int]int{}, 0
+	finish := ""
+	for _, line := range strings.Split(string(body), "\n") {
+		data, ok := strings.CutPrefix(line, "data: ")
+		if !ok || data == "[DONE]" {
+			continue
+		}
+		var ch struct {
+			Choices []struct {
+				Delta        map[string]json.RawMessage `json:"delta"`
+				FinishReason *string                    `json:"finish_reason"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal([]byte(data), &ch); err != nil {
+			t.Fatal(err)
+		}
+		if len(ch.Choices) == 0 {
+			continue
+		}
+		d := ch.Choices[0].Delta
+		if _, ok := d["role"]; ok {
+			roles++
+		}
+		if ch.Choices[0].FinishReason != nil {
+			finish = *ch.Choices[0].FinishReason
+		}
+		var tcs []struct {
+			Index    *int    `json:"index"`
+			ID       *string `json:"id"`
+			Type     *string `json:"type"`
+			Function struct {
+				Name      *string `json:"name"`
+				Arguments *string `json:"arguments"`
+			} `json:"function"`
+		}
+		if raw, ok := d["tool_calls"]; ok {
+			if err := json.Unmarshal(raw, &tcs); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, tc := range tcs {
+			if tc.Index == nil {
+				t.Fatalf("tool call delta without index: %s", data)
+			}
+			c := calls[*tc.Index]
+			if c == nil {
+				c = &call{}
+				calls[*tc.Index] = c
+			}
+			if tc.ID != nil {
+				ids[*tc.Index]++
+				c.id += *tc.ID
+			}
+			if tc.Type != nil {
+				c.typ += *tc.Type
+			}
+			if tc.Function.Name != nil {
+				names[*tc.Index]++
+				c.name += *tc.Function.Name
+			}
+			if tc.Function.Arguments != nil {
+				c.args += *tc.Function.Arguments
+			}
+		}
+	}
+	if roles != 1 || finish != "tool_calls" || len(calls) != 2 {
+		t.Fatalf("roles %d, finish %q, %d calls:\n%s", roles, finish, len(calls), body)
+	}
+	for i := range 2 {
+		c := calls[i]
+		if ids[i] != 1 || names[i] != 1 || c.typ != "function" || c.name != "f" || c.args != fmt.Sprintf(`{"i":%d}`, 2*i+1) {
+			t.Errorf("call %d: %+v (id sent %d times, name %d times)", i, c, ids[i], names[i])
+		}
+	}
+}
