@@ -73,10 +73,15 @@ type statusDoc struct {
 		Batch map[string]any `json:"batch"`
 	} `json:"server"`
 	Scheduler struct {
-		QueueRequests int  `json:"queue_requests"`
-		QueueTokens   int  `json:"queue_prompt_tokens"`
-		Running       int  `json:"running"`
-		Draining      bool `json:"draining"`
+		QueueRequests int    `json:"queue_requests"`
+		QueueTokens   int    `json:"queue_prompt_tokens"`
+		Running       int    `json:"running"`
+		Draining      bool   `json:"draining"`
+		Suspects      int    `json:"suspects_waiting"`
+		OnProbation   int    `json:"on_probation"`
+		Poisoned      int    `json:"poisoned"`
+		LastPoison    string `json:"last_poison"`
+		Routing       string `json:"routing"`
 		AutoTune      struct {
 			Enabled bool    `json:"enabled"`
 			B       int     `json:"b"`
@@ -125,7 +130,11 @@ func printStatus(w io.Writer, body []byte) error {
 	if s.AutoTune.Enabled {
 		tune = fmt.Sprintf("on (target %.0f ms, P99 %.1f ms, EMA %.1f ms)", s.AutoTune.Target, s.AutoTune.P99, s.AutoTune.EMA)
 	}
-	fmt.Fprintf(w, "batch    B=%d    auto-tune %s\n", s.AutoTune.B, tune)
+	fmt.Fprintf(w, "batch    B=%d    auto-tune %s    routing %s\n", s.AutoTune.B, tune, s.Routing)
+	fmt.Fprintf(w, "crashes  suspects waiting %d    on probation %d    declared poison %d\n", s.Suspects, s.OnProbation, s.Poisoned)
+	if s.LastPoison != "" {
+		fmt.Fprintf(w, "         last poison: %s\n", s.LastPoison)
+	}
 	l, t := d.Server.Latency, d.Server.TTFT
 	fmt.Fprintf(w, "latency  p50 %.1f ms  p95 %.1f ms  p99 %.1f ms  (n=%.0f)\n", l["p50"], l["p95"], l["p99"], l["count"])
 	fmt.Fprintf(w, "ttft     p50 %.1f ms  p95 %.1f ms  p99 %.1f ms\n", t["p50"], t["p95"], t["p99"])
