@@ -14,6 +14,8 @@ import (
 	"math"
 	"slices"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -862,6 +864,34 @@ func (m *Manager) statusLocked() []Status {
 		out = append(out, st)
 	}
 	return out
+}
+
+// ParseTTL reads a ttl or keep_alive as Ollama writes them: "never" or a
+// negative number or duration (keep loaded), 0 (unload when idle), a Go
+// duration ("10m", "1h30m") or a number of seconds.
+func ParseTTL(s string) (time.Duration, error) {
+	s = strings.TrimSpace(s)
+	switch strings.ToLower(s) {
+	case "never", "forever":
+		return Never, nil
+	}
+	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		if f < 0 {
+			return Never, nil
+		}
+		if f > math.MaxInt64/float64(time.Second) {
+			return 0, fmt.Errorf("%q is too long", s)
+		}
+		return time.Duration(f * float64(time.Second)), nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, fmt.Errorf("%q: want never, a number of seconds or a duration such as 5m", s)
+	}
+	if d < 0 {
+		return Never, nil
+	}
+	return d, nil
 }
 
 // FormatTTL writes a ttl as configured: "never", "0s" or a duration.
