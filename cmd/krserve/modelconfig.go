@@ -241,21 +241,23 @@ type modelSettings struct {
 // single model is loaded at start and kept; several load on demand and
 // unload after 5 minutes idle.
 func mergeModels(file []modelEntry, flags []modelEntry, d modelSettings) ([]models.Spec, error) {
+	seen := map[string]string{}
+	for _, f := range flags {
+		if prev, dup := seen[f.Name]; dup {
+			return nil, fmt.Errorf("%s and %s both name model %q", prev, f.where, f.Name)
+		}
+		seen[f.Name] = f.where
+	}
 	entries := append([]modelEntry(nil), file...)
 	for _, f := range flags {
 		replaced := false
 		for i := range entries {
-			if entries[i].Name == f.Name {
+			if entries[i].Name == f.Name { // the flag wins over the file
 				entries[i].Path, entries[i].where = f.Path, f.where
 				replaced = true
 			}
 		}
 		if !replaced {
-			for _, prev := range flags {
-				if &prev != &f && prev.Name == f.Name && prev.Path != f.Path && prev.where != f.where {
-					return nil, fmt.Errorf("%s and %s both name model %q", prev.where, f.where, f.Name)
-				}
-			}
 			entries = append(entries, f)
 		}
 	}
