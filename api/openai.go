@@ -39,6 +39,10 @@ type commonRequest struct {
 	User           string          `json:"user"`
 	Timeout        *float64        `json:"timeout"`    // krserve extension: seconds
 	IgnoreEOS      bool            `json:"ignore_eos"` // krserve extension (also vLLM's)
+	// KeepAlive is Ollama's keep_alive: how long the model stays loaded
+	// once idle after this request (seconds or a duration; 0: unload now;
+	// negative: keep it).
+	KeepAlive json.RawMessage `json:"keep_alive"`
 }
 
 type chatRequest struct {

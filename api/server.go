@@ -80,6 +80,7 @@ type Server struct {
 	sched   Scheduler
 	pool    Pool
 	ops     Ops
+	models  Models // several models (NewModels); nil: sched and pool serve the one model
 	m       *metrics.Metrics
 	log     *slog.Logger
 	ids     func() uint64
@@ -97,7 +98,10 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/chat/completions", s.v1(s.chat))
 	mux.HandleFunc("POST /v1/completions", s.v1(s.completion))
-	mux.HandleFunc("GET /v1/models", s.v1(s.models))
+	mux.HandleFunc("GET /v1/models", s.v1(s.modelsList))
+	if s.models != nil {
+		s.routeModels(mux)
+	}
 	mux.HandleFunc("/v1/", s.v1(func(w http.ResponseWriter, r *http.Request) {
 		// This catch-all also gets known paths with the wrong method
 		// (the mux answers 405 only when no other pattern matches).
@@ -112,6 +116,10 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, 200, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, r *http.Request) {
+		if name := r.URL.Query().Get("model"); name != "" {
+			s.readyModel(w, name)
+			return
+		}
 		ok, body := s.ops.Ready()
 		status := 200
 		if !ok {
@@ -178,7 +186,11 @@ func (s *Server) v1(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-func (s *Server) models(w http.ResponseWriter, r *http.Request) {
+func (s *Server) modelsList(w http.ResponseWriter, r *http.Request) {
+	if s.models != nil {
+		s.modelList(w)
+		return
+	}
 	created := s.created().Unix()
 	data := []map[string]any{{"id": s.cfg.ModelName, "object": "model", "created": created, "owned_by": "krserve"}}
 	if h := s.pool.Hello(); h != nil && h.Model != s.cfg.ModelName {
@@ -217,6 +229,10 @@ type job struct {
 	includeUsage bool
 	params       scheduler.Params
 	timeout      time.Duration
+	ignoreEOS    bool
+	keepAlive    *time.Duration // how long the model stays loaded after this request (nil: its ttl)
+	sched        Scheduler      // the model's, once routed
+	headersSent  bool           // a stream's headers went out while its model loaded
 }
 
 func (s *Server) chat(w http.ResponseWriter, r *http.Request) {
@@ -301,8 +317,13 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 		return nil, invalid("model", "model is required")
 	}
 	if !s.knownModel(q.Model) {
-		return nil, &apiError{Status: 404, Type: "invalid_request_error", Code: "model_not_found", Param: "model", Message: fmt.Sprintf("model %q is not served here; GET /v1/models lists %q", q.Model, s.cfg.ModelName)}
+		return nil, &apiError{Status: 404, Type: "invalid_request_error", Code: "model_not_found", Param: "model", Message: fmt.Sprintf("model %q is not served here; GET /v1/models lists %s", q.Model, s.knownNames())}
 	}
+	var e *apiError
+	if j.keepAlive, e = parseKeepAlive(q.KeepAlive); e != nil {
+		return nil, e
+	}
+	j.ignoreEOS = q.IgnoreEOS
 	if q.N != nil && *q.N != 1 {
 		return nil, invalid("n", "n must be 1; krserve returns one choice per request (got %d)", *q.N)
 	}
@@ -382,7 +403,7 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 		p.Seed = &seed
 	}
 	vocab := 0
-	if h := s.pool.Hello(); h != nil {
+	if h := s.hello(); h != nil {
 		vocab = h.Vocab
 	}
 	if len(q.LogitBias) > 0 {
@@ -408,7 +429,7 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 		if p.LogitBias == nil {
 			p.LogitBias = map[int32]float64{}
 		}
-		if h := s.pool.Hello(); h != nil {
+		if h := s.hello(); h != nil {
 			for _, e := range h.EOS {
 				p.LogitBias[e] = -1e9
 			}
@@ -437,6 +458,10 @@ func (s *Server) common(q *commonRequest) (*job, *apiError) {
 }
 
 func (s *Server) knownModel(name string) bool {
+	if s.models != nil {
+		_, ok := s.models.Resolve(name)
+		return ok
+	}
 	if name == s.cfg.ModelName {
 		return true
 	}
@@ -459,15 +484,33 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, e *apiError) {
 func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, in *scheduler.Input, ids []int32) {
 	ctx, cancel := context.WithTimeout(r.Context(), j.timeout)
 	defer cancel()
-	hello := s.pool.Hello()
+	var pool Pool = s.pool
+	j.sched = s.sched
+	if s.models != nil {
+		lease, mod, e := s.acquire(ctx, w, j)
+		if e != nil {
+			if errors.Is(r.Context().Err(), context.Canceled) {
+				return // the client left while its model loaded
+			}
+			s.refuseJob(w, r, j, e)
+			return
+		}
+		defer lease.Release(j.keepAlive)
+		pool, j.sched = mod, mod
+		if e := lateChecks(j, pool.Hello()); e != nil {
+			s.refuseJob(w, r, j, e)
+			return
+		}
+	}
+	hello := pool.Hello()
 	if hello == nil {
 		w.Header().Set("Retry-After", "1")
-		s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "not_ready", Message: "no worker has loaded the model yet; retry shortly"})
+		s.refuseJob(w, r, j, &apiError{Status: 503, Type: "server_error", Code: "not_ready", Message: "no worker has loaded the model yet; retry shortly"})
 		return
 	}
-	if !s.pool.CanServe() {
+	if !pool.CanServe() {
 		w.Header().Set("Retry-After", "1")
-		s.refuse(w, r, &apiError{Status: 503, Type: "server_error", Code: "no_worker", Message: "no worker is available right now (every worker keeps failing); retry shortly"})
+		s.refuseJob(w, r, j, &apiError{Status: 503, Type: "server_error", Code: "no_worker", Message: "no worker is available right now (every worker keeps failing); retry shortly"})
 		return
 	}
 	var req *scheduler.Request
@@ -475,18 +518,18 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, in *schedul
 		req = scheduler.NewInputRequest(s.ids(), *in, j.params)
 	} else {
 		if len(ids) == 0 {
-			s.refuse(w, r, invalid("prompt", "the prompt is empty"))
+			s.refuseJob(w, r, j, invalid("prompt", "the prompt is empty"))
 			return
 		}
 		for i, t := range ids {
 			if hello.Vocab > 0 && int(t) >= hello.Vocab {
-				s.refuse(w, r, invalid("prompt", "prompt[%d] = %d is not a token id of this model (vocabulary size %d)", i, t, hello.Vocab))
+				s.refuseJob(w, r, j, invalid("prompt", "prompt[%d] = %d is not a token id of this model (vocabulary size %d)", i, t, hello.Vocab))
 				return
 			}
 		}
 		if hello.Context > 0 {
 			if len(ids) >= hello.Context {
-				s.refuse(w, r, contextError(j, hello.Context, len(ids)))
+				s.refuseJob(w, r, j, contextError(j, hello.Context, len(ids)))
 				return
 			}
 			j.params.MaxTokens = min(j.params.MaxTokens, hello.Context-len(ids))
@@ -496,8 +539,8 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, j *job, in *schedul
 	if dl, ok := ctx.Deadline(); ok {
 		req.Deadline = dl
 	}
-	if err := s.sched.Submit(req); err != nil {
-		s.refuse(w, r, schedError(err, w))
+	if err := j.sched.Submit(req); err != nil {
+		s.refuseJob(w, r, j, schedError(err, w))
 		return
 	}
 	log := s.log // each line names the request (log.With would cost an allocation per request)
@@ -559,7 +602,7 @@ func schedError(err error, w http.ResponseWriter) *apiError {
 // wait returns the next event, or cancels the request when ctx ends (client
 // gone or deadline) and returns the terminal event that the cancel produced.
 // While waiting, onTick runs on every tick (SSE keep-alives).
-func (s *Server) wait(ctx context.Context, req *scheduler.Request, tick <-chan time.Time, onTick func()) scheduler.Event {
+func (s *Server) wait(ctx context.Context, sched Scheduler, req *scheduler.Request, tick <-chan time.Time, onTick func()) scheduler.Event {
 	for {
 		if ev, ok := req.Poll(); ok {
 			return ev
@@ -570,10 +613,10 @@ func (s *Server) wait(ctx context.Context, req *scheduler.Request, tick <-chan t
 			onTick()
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				s.sched.Cancel(req, scheduler.ReasonTimeout, "request timed out")
+				sched.Cancel(req, scheduler.ReasonTimeout, "request timed out")
 			} else {
 				s.m.ClientDisconnects.Inc()
-				s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+				sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
 			}
 			for {
 				ev, ok := req.Poll()
@@ -600,7 +643,7 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 		chatLP, cmplLP = &chatLogprobs{Content: []chatTokenLogprob{}}, newCompletionLogprobs()
 	}
 	for {
-		ev := s.wait(ctx, req, nil, nil)
+		ev := s.wait(ctx, j.sched, req, nil, nil)
 		text.WriteString(ev.Text)
 		for _, c := range ev.Calls {
 			args := c.Arguments
@@ -705,15 +748,17 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	}
 	gone := func() {
 		s.m.ClientDisconnects.Inc()
-		s.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
+		j.sched.Cancel(req, scheduler.ReasonCancelled, "client disconnected")
 	}
 	opened := false
 	open := func() bool {
 		opened = true
-		h := w.Header()
-		h["Content-Type"], h["Cache-Control"] = sseContentType, sseNoCache
-		h["Connection"], h["X-Accel-Buffering"] = sseKeepAlive, sseNo
-		w.WriteHeader(200)
+		if !j.headersSent { // they went out while the model loaded
+			h := w.Header()
+			h["Content-Type"], h["Cache-Control"] = sseContentType, sseNoCache
+			h["Connection"], h["X-Accel-Buffering"] = sseKeepAlive, sseNo
+			w.WriteHeader(200)
+		}
 		return !j.chat || write(enc.role())
 	}
 	var tick <-chan time.Time // nil: no keep-alives (NewTicker panics on <= 0)
@@ -740,10 +785,10 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 					return
 				}
 			}
-			ev = s.wait(ctx, req, tick, keepAlive)
+			ev = s.wait(ctx, j.sched, req, tick, keepAlive)
 		}
 		if !opened {
-			if ev.Done && ev.Err != nil {
+			if ev.Done && ev.Err != nil && !j.headersSent {
 				s.failed(ctx, w, j, req, ev.Err, log)
 				return
 			}

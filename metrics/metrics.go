@@ -175,6 +175,7 @@ type Metrics struct {
 	modelInfo   prometheus.Gauge // krserve_model_info, always 1
 	infoMu      sync.Mutex
 	reg         prometheus.Registerer // Registry wrapped with model=<name>
+	root        *Metrics              // ForModel: the Metrics whose registry this shares
 	handlerOnce sync.Once
 	handler     http.Handler
 }
@@ -183,7 +184,25 @@ type Metrics struct {
 // collectors) on a fresh registry, and returns them. It does not touch the
 // global registry.
 func New(model ModelInfo, build BuildInfo) *Metrics {
-	registry := prometheus.NewRegistry()
+	m := newOn(prometheus.NewRegistry(), model, build)
+	m.reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+// ForModel builds the instruments of another model served by the same
+// process on m's registry, every series labelled model=<model.Model> (which
+// must differ from every other model's). The Go and process collectors and
+// the /metrics handler stay m's.
+func (m *Metrics) ForModel(model ModelInfo, build BuildInfo) *Metrics {
+	c := newOn(m.Registry, model, build)
+	c.root = m
+	return c
+}
+
+func newOn(registry *prometheus.Registry, model ModelInfo, build BuildInfo) *Metrics {
 	reg := prometheus.WrapRegistererWith(prometheus.Labels{"model": model.Model}, registry)
 	m := &Metrics{Registry: registry, reg: reg}
 
@@ -315,11 +334,6 @@ func New(model ModelInfo, build BuildInfo) *Metrics {
 		"Round trip of a ping/pong message between the supervisor and a worker.", ipcBuckets)
 
 	m.setInfo(model, build)
-
-	reg.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-	)
 	return m
 }
 
@@ -367,6 +381,9 @@ func (m *Metrics) setInfo(model ModelInfo, build BuildInfo) {
 // Scrapes are counted in promhttp_metric_handler_* series. Repeated calls
 // return the same handler.
 func (m *Metrics) Handler() http.Handler {
+	if m.root != nil {
+		return m.root.Handler()
+	}
 	m.handlerOnce.Do(func() {
 		h := promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{
 			ErrorHandling:       promhttp.ContinueOnError,
@@ -378,4 +395,63 @@ func (m *Metrics) Handler() http.Handler {
 		m.handler = promhttp.InstrumentMetricHandler(m.reg, h)
 	})
 	return m.handler
+}
+
+// ModelSet holds the instruments of the layer that loads and unloads models
+// (package models). Their series are labelled with each model's name.
+type ModelSet struct {
+	State        *prometheus.GaugeVec     // model, state: 1 for the model's current state, 0 for the others
+	Loads        *prometheus.CounterVec   // model, result: ok|failed|timeout
+	Evictions    *prometheus.CounterVec   // model, reason: ttl|keep_alive|room|api
+	LoadDuration *prometheus.HistogramVec // model
+	Memory       *prometheus.GaugeVec     // model, kind: estimated|measured
+	Budget       prometheus.Gauge         // no model label: the server's
+	states       []string
+}
+
+// Models registers the model layer's instruments on m's registry, for the
+// named models (label value of each: names[i]), with every closed label set
+// pre-initialised. Call it once per registry.
+func (m *Metrics) Models(names, states, results, reasons []string) *ModelSet {
+	s := &ModelSet{states: states}
+	s.State = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: "model_state",
+		Help: "1 for each model's current state (unloaded, loading, ready, draining, failed), 0 for the others."}, []string{"model", "state"})
+	s.Loads = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "model_loads_total",
+		Help: "Model loads, by result (ok, failed, timeout)."}, []string{"model", "result"})
+	s.Evictions = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "model_evictions_total",
+		Help: "Models unloaded, by reason (ttl: idle past its ttl or keep_alive; keep_alive: a request asked for 0; room: to load another model; api: unloaded by hand)."},
+		[]string{"model", "reason"})
+	s.LoadDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: "model_load_duration_seconds",
+		Help: "Time to load a model: from starting its workers to the first one ready, or the failure.", Buckets: startBuckets}, []string{"model"})
+	s.Memory = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: "model_memory_bytes",
+		Help: "Memory of each model by kind: estimated (before loading: weights as held plus KV cache) and measured (resident memory its workers report while loaded, else 0)."},
+		[]string{"model", "kind"})
+	s.Budget = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "memory_budget_bytes",
+		Help: "Memory all loaded models may take together (--memory-budget; 0: no budget)."})
+	for _, n := range names {
+		for _, st := range states {
+			s.State.WithLabelValues(n, st)
+		}
+		for _, r := range results {
+			s.Loads.WithLabelValues(n, r)
+		}
+		for _, r := range reasons {
+			s.Evictions.WithLabelValues(n, r)
+		}
+		s.Memory.WithLabelValues(n, "estimated")
+		s.Memory.WithLabelValues(n, "measured")
+	}
+	m.Registry.MustRegister(s.State, s.Loads, s.Evictions, s.LoadDuration, s.Memory, s.Budget)
+	return s
+}
+
+// SetState sets model's state series: 1 for state, 0 for the others.
+func (s *ModelSet) SetState(model, state string) {
+	for _, st := range s.states {
+		v := 0.0
+		if st == state {
+			v = 1
+		}
+		s.State.WithLabelValues(model, st).Set(v)
+	}
 }

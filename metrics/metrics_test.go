@@ -303,3 +303,64 @@ func TestConcurrentUseAndScrape(t *testing.T) {
 		t.Errorf("generation tokens = %v", got)
 	}
 }
+
+// TestSeveralModelsOnOneRegistry: ForModel and Models put every model's
+// instruments and the model layer's on one registry: one scrape, a model
+// label on everything but the server-wide budget, and promtool's lint clean.
+func TestSeveralModelsOnOneRegistry(t *testing.T) {
+	m := New(ModelInfo{Model: "small"}, testBuild)
+	big := m.ForModel(ModelInfo{Model: "big"}, testBuild)
+	touch(m)
+	touch(big)
+	big.TTFT.Observe(1)
+	set := m.Models([]string{"small", "big"}, []string{"unloaded", "loading", "ready", "draining", "failed"},
+		[]string{"ok", "failed", "timeout"}, []string{"ttl", "keep_alive", "room", "api"})
+	set.SetState("small", "ready")
+	set.SetState("big", "loading")
+	set.SetState("big", "ready")
+	set.Loads.WithLabelValues("big", "ok").Inc()
+	set.LoadDuration.WithLabelValues("big").Observe(2.5)
+	set.Memory.WithLabelValues("big", "estimated").Set(1 << 30)
+	set.Budget.Set(8 << 30)
+	fams := scrape(t, big) // a model's Handler serves the shared registry
+	ttft := fams["krserve_time_to_first_token_seconds"]
+	if ttft == nil || len(ttft.GetMetric()) != 2 {
+		t.Fatalf("want TTFT of both models, got %v", ttft)
+	}
+	for name, typ := range map[string]dto.MetricType{
+		"krserve_model_state": dto.MetricType_GAUGE, "krserve_model_loads_total": dto.MetricType_COUNTER,
+		"krserve_model_evictions_total": dto.MetricType_COUNTER, "krserve_model_load_duration_seconds": dto.MetricType_HISTOGRAM,
+		"krserve_model_memory_bytes": dto.MetricType_GAUGE, "krserve_memory_budget_bytes": dto.MetricType_GAUGE,
+	} {
+		f := fams[name]
+		if f == nil || f.GetType() != typ || f.GetHelp() == "" {
+			t.Errorf("%s: %v", name, f)
+		}
+	}
+	states := map[string]float64{}
+	for _, s := range fams["krserve_model_state"].GetMetric() {
+		mo, _ := label(s, "model")
+		st, _ := label(s, "state")
+		states[mo+"/"+st] = s.GetGauge().GetValue()
+	}
+	if len(states) != 10 || states["big/ready"] != 1 || states["big/loading"] != 0 || states["small/ready"] != 1 || states["small/unloaded"] != 0 {
+		t.Fatalf("model_state series: %v", states)
+	}
+	if ev := fams["krserve_model_evictions_total"]; len(ev.GetMetric()) != 8 {
+		t.Fatalf("evictions not pre-initialised: %d series", len(ev.GetMetric()))
+	}
+	for name, f := range fams {
+		for _, s := range f.GetMetric() {
+			if _, ok := label(s, "model"); !ok && name != "krserve_memory_budget_bytes" {
+				t.Errorf("%s has no model label", name)
+			}
+		}
+	}
+	problems, err := testutil.GatherAndLint(m.Registry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("lint: %s: %s", p.Metric, p.Text)
+	}
+}

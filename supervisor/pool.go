@@ -36,6 +36,9 @@ type Config struct {
 	Restart           RestartPolicy
 	RecycleRequests   int   // replace a worker after serving this many requests (0: never)
 	RecycleRSS        int64 // replace a worker whose resident memory passes this (0: never)
+	// OnStartFailure, if set, hears of every worker that failed before its
+	// hello (a model that cannot load); it must not block.
+	OnStartFailure func(slot int, err error)
 }
 
 // DefaultConfig returns the documented defaults.
@@ -189,6 +192,9 @@ func (p *Pool) runSlot(ctx context.Context, s *slotState) {
 				break
 			}
 			p.m.WorkerRestarts.WithLabelValues("start_failure").Inc()
+			if p.cfg.OnStartFailure != nil {
+				p.cfg.OnStartFailure(s.id, err)
+			}
 			s.mu.Lock()
 			wait, giveUp := s.restart.failure(p.now()) // under s.mu: Status reads the score
 			s.failure = err.Error()

@@ -87,6 +87,19 @@ func applyEnv(fs *pflag.FlagSet, lookup func(string) (string, bool)) error {
 	return nil
 }
 
+// givenFlags names the flags set on the command line or by their
+// environment variable: those win over a --config file.
+func givenFlags(fs *pflag.FlagSet, lookup func(string) (string, bool)) map[string]bool {
+	given := map[string]bool{}
+	fs.Visit(func(f *pflag.Flag) { given[f.Name] = true })
+	for _, e := range envVars {
+		if v, ok := lookup(e.Name); ok && v != "" && e.Flag != "" {
+			given[e.Flag] = true
+		}
+	}
+	return given
+}
+
 func parseOnOff(v string) (bool, error) {
 	switch strings.ToLower(strings.TrimSpace(v)) {
 	case "1", "on", "true", "yes", "enabled":

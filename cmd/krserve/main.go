@@ -19,7 +19,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newUpCmd(), newStatusCmd(), newBenchCmd(), newVersionCmd())
+	root.AddCommand(newUpCmd(), newStatusCmd(), newPsCmd(), newLoadCmd(false), newLoadCmd(true), newModelsCmd(), newBenchCmd(), newVersionCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "krserve:", err)
 		os.Exit(1)

@@ -111,6 +111,32 @@ type statusDoc struct {
 }
 
 func printStatus(w io.Writer, body []byte) error {
+	var several struct {
+		Server json.RawMessage            `json:"server"`
+		Models map[string]json.RawMessage `json:"models"`
+	}
+	if json.Unmarshal(body, &several) == nil && several.Server == nil && len(several.Models) > 0 {
+		// Several models: one section each (krserve ps has the overview).
+		names := make([]string, 0, len(several.Models))
+		for n := range several.Models {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		for i, n := range names {
+			if i > 0 {
+				fmt.Fprintln(w)
+			}
+			var st struct {
+				State string `json:"state"`
+			}
+			_ = json.Unmarshal(several.Models[n], &st)
+			fmt.Fprintf(w, "== %s (%s)\n", n, st.State)
+			if err := printStatus(w, several.Models[n]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	var d statusDoc
 	if err := json.Unmarshal(body, &d); err != nil {
 		return fmt.Errorf("parsing /stats: %w", err)

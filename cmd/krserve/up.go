@@ -24,13 +24,16 @@ import (
 
 	"github.com/krserve/krserve/api"
 	"github.com/krserve/krserve/metrics"
+	"github.com/krserve/krserve/models"
 	"github.com/krserve/krserve/scheduler"
 	"github.com/krserve/krserve/supervisor"
 )
 
 // upConfig is every setting of `krserve up`, parsed once here and passed down.
 type upConfig struct {
-	Model, Python, Host       string
+	Models                    []string // --model PATH or NAME=PATH, repeated
+	ConfigFile                string
+	Python, Host              string
 	Port, Workers             int
 	MetricsAddr               string
 	LogFormat, LogLevel       string
@@ -62,7 +65,15 @@ type upConfig struct {
 	PrefillBatch              int
 	Dequantize                string
 	WorkerExec                string
+	MemoryBudget              string
+	MaxLoadedModels           int
+	LoadTimeout               time.Duration
+	ModelMaxWaiting           int
+	MinResidency, SwapAgeCap  time.Duration
 	API                       api.Config
+	// given: flags set on the command line or by their environment
+	// variable, which win over the --config file.
+	given map[string]bool
 }
 
 func newUpCmd() *cobra.Command {
@@ -83,11 +94,19 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 			if err := applyEnv(cmd.Flags(), os.LookupEnv); err != nil {
 				return err
 			}
+			c.given = givenFlags(cmd.Flags(), os.LookupEnv)
 			return runUp(cmd.Context(), *c)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&c.Model, "model", "", "mlx-lm model directory (default: SmolLM2-135M-Instruct, prepared on first use)")
+	f.StringArrayVar(&c.Models, "model", nil, "model to serve: an mlx-lm directory or a Hugging Face repo id in the local HF cache, served as --served-model-name; NAME=PATH serves it as NAME (repeat for several models, loaded on demand; default: SmolLM2-135M-Instruct, prepared on first use)")
+	f.StringVar(&c.ConfigFile, "config", "", "YAML file declaring models (path, aliases, workers, batch_size, ttl, pin, preload) and memory_budget, max_loaded_models; flags win over it (README: Serving several models)")
+	f.StringVar(&c.MemoryBudget, "memory-budget", "", "memory all loaded models may take: bytes (24GiB, 8000000000) or a percentage of RAM (75%); models are unloaded (idle ones, least recently used first) to make room, and a model that cannot fit alone is refused (default: no budget)")
+	f.IntVar(&c.MaxLoadedModels, "max-loaded-models", 0, "models loaded at once; loading another unloads one first (0: no limit)")
+	f.DurationVar(&c.LoadTimeout, "load-timeout", 5*time.Minute, "a model load (workers started, first one ready) that takes longer fails its waiting requests")
+	f.IntVar(&c.ModelMaxWaiting, "model-max-waiting", 256, "requests that may wait for one model to load (429 beyond)")
+	f.DurationVar(&c.MinResidency, "min-residency", 2*time.Second, "a loaded model is not unloaded to make room sooner than this after loading (two models used alternately do not thrash)")
+	f.DurationVar(&c.SwapAgeCap, "swap-age-cap", 30*time.Second, "a load that has waited this long for room may unload busy models (they finish their requests first); before that only idle ones")
 	f.StringVar(&c.Python, "python", "", "Python interpreter for workers (default: the .venv next to the binary, else python3)")
 	f.StringVar(&c.Host, "host", "127.0.0.1", "address to listen on; binding beyond loopback is an explicit choice")
 	f.IntVar(&c.Port, "port", 8080, "port to listen on")
@@ -127,7 +146,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.PrefillStep, "prefill-step", 512, "prompt tokens per prefill step in the worker (smaller: faster cancel)")
 	f.IntVar(&c.PrefillBatch, "prefill-batch", 0, "prompts a worker prefills in one step (0: as many as it decodes at once, so a burst of arrivals is prefilled together; less: shorter stalls of running streams)")
 	f.StringVar(&c.Dequantize, "dequantize", "auto", "auto, on or off: workers hold a quantized model's weights as float32 (auto: on mlx's CPU device with OpenBLAS, when they fit in a quarter of memory; float32 matmuls are far faster there than quantized ones)")
-	f.StringVar(&c.API.ModelName, "served-model-name", "default", "model id clients use (the model path is accepted too)")
+	f.StringVar(&c.API.ModelName, "served-model-name", "default", "model id clients use for a --model given without NAME= (the model path is accepted too)")
 	f.IntVar(&c.API.MaxTokens, "max-tokens-cap", c.API.MaxTokens, "largest max_tokens a request may ask for")
 	f.IntVar(&c.API.DefaultMaxTokens, "default-max-tokens", c.API.DefaultMaxTokens, "max_tokens when a request names none")
 	f.Int64Var(&c.API.MaxBodyBytes, "max-body-bytes", c.API.MaxBodyBytes, "largest request body (413 beyond)")
@@ -212,36 +231,6 @@ func runUp(parent context.Context, c upConfig) error {
 	if parent == nil {
 		parent = context.Background()
 	}
-	sigCtx, stopSignals := signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
-	defer stopSignals()
-
-	python := findPython(c.Python)
-	env := blasThreads(workerEnv(os.Environ(), !c.AllowOnline), runtime.NumCPU(), c.Workers)
-	model := c.Model
-	if model == "" {
-		t0 := time.Now()
-		model, err = prepareDefaultModel(sigCtx, python, env, log)
-		if err != nil {
-			return err
-		}
-		log.Info("default model ready", "dir", model, "seconds", time.Since(t0).Seconds())
-	} else if st, err := os.Stat(model); err == nil && st.IsDir() {
-		model, _ = filepath.Abs(model)
-		if _, err := os.Stat(filepath.Join(model, "config.json")); err != nil {
-			return fmt.Errorf("--model %q is not an mlx-lm model directory: it has no config.json", model)
-		}
-	} else if !c.AllowOnline || !strings.Contains(model, "/") || strings.HasPrefix(model, ".") || strings.HasPrefix(model, "/") {
-		return fmt.Errorf("--model %q: no such directory (a Hugging Face repo id needs --allow-online and a network)", model)
-	}
-	log.Info("model", "path", model)
-
-	tune := scheduler.TuneConfig{
-		Enabled: c.AutoTune, Min: c.TuneMin, Max: c.TuneMax, Initial: c.BatchSize, Alpha: c.TuneAlpha,
-		Interval: c.TuneInterval, Window: c.TuneWindow, Target: msDuration(c.P99TargetMS), Tolerance: msDuration(c.ToleranceMS),
-	}
-	if !c.AutoTune { // a fixed B is whatever the user asked for
-		tune.Min, tune.Max = min(tune.Min, c.BatchSize), max(tune.Max, c.BatchSize)
-	}
 	if c.BatchSize < 1 {
 		return fmt.Errorf("--batch-size must be at least 1; got %d", c.BatchSize)
 	}
@@ -268,46 +257,130 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.Dequantize != "auto" && c.Dequantize != "on" && c.Dequantize != "off" {
 		return fmt.Errorf("--dequantize must be auto, on or off; got %q", c.Dequantize)
 	}
-	if tune.Min < 1 || tune.Max < tune.Min {
-		return fmt.Errorf("auto-tune bounds [%d, %d] are not a valid range", tune.Min, tune.Max)
+	if min(c.TuneMin, c.BatchSize) < 1 || (c.AutoTune && c.TuneMax < c.TuneMin) {
+		return fmt.Errorf("auto-tune bounds [%d, %d] are not a valid range", c.TuneMin, c.TuneMax)
 	}
-	maxB := max(tune.Max, c.BatchSize)
-	prefillBatch := c.PrefillBatch
-	if prefillBatch == 0 {
-		prefillBatch = maxB
+	if c.MaxLoadedModels < 0 || c.ModelMaxWaiting < 1 || c.LoadTimeout <= 0 {
+		return fmt.Errorf("--max-loaded-models must be at least 0, --model-max-waiting at least 1 and --load-timeout positive; got %d, %d and %v",
+			c.MaxLoadedModels, c.ModelMaxWaiting, c.LoadTimeout)
+	}
+	physical := models.PhysicalMemory()
+	budgetText := c.MemoryBudget
+	maxLoaded := c.MaxLoadedModels
+	var fileModels []modelEntry
+	if c.ConfigFile != "" {
+		fc, err := loadConfigFile(c.ConfigFile)
+		if err != nil {
+			return err
+		}
+		fileModels = fc.Models
+		if !c.given["memory-budget"] && fc.MemoryBudget != "" {
+			budgetText = fc.MemoryBudget
+		}
+		if !c.given["max-loaded-models"] && fc.MaxLoadedModels != nil {
+			maxLoaded = *fc.MaxLoadedModels
+		}
+	}
+	budget, err := parseBudget(budgetText, physical)
+	if err != nil {
+		return fmt.Errorf("--memory-budget %w", err)
+	}
+	var flagModels []modelEntry
+	for _, v := range c.Models {
+		flagModels = append(flagModels, parseModelFlag(v, c.API.ModelName))
+	}
+	specs, err := mergeModels(fileModels, flagModels, modelSettings{Workers: c.Workers, BatchSize: c.BatchSize,
+		WorkersSet: c.given["workers"], BatchSet: c.given["batch-size"]})
+	if err != nil {
+		return err
+	}
+	sigCtx, stopSignals := signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+	defer stopSignals()
+
+	python := findPython(c.Python)
+	env := workerEnv(os.Environ(), !c.AllowOnline)
+	if len(specs) == 0 {
+		t0 := time.Now()
+		dir, err := prepareDefaultModel(sigCtx, python, blasThreads(env, runtime.NumCPU(), c.Workers), log)
+		if err != nil {
+			return err
+		}
+		log.Info("default model ready", "dir", dir, "seconds", time.Since(t0).Seconds())
+		specs, _ = mergeModels(nil, []modelEntry{{Name: c.API.ModelName, Path: dir, where: "the default model"}},
+			modelSettings{Workers: c.Workers, BatchSize: c.BatchSize})
+	}
+	places := models.DefaultPlaces()
+	for i := range specs {
+		s := &specs[i]
+		if s.Path, err = resolveModelPath(s.Path, c.AllowOnline, places); err != nil {
+			return err
+		}
+		if s.Workers < 1 || s.BatchSize < 1 {
+			return fmt.Errorf("model %q: workers and batch_size must be at least 1; got %d and %d", s.Name, s.Workers, s.BatchSize)
+		}
+		if est, detail, err := models.Estimate(models.EstimateInput{Dir: s.Path, Workers: s.Workers, Batch: max(s.BatchSize, c.TuneMax),
+			Dequantize: c.Dequantize, CPU: runtime.GOOS == "linux", Physical: physical}); err == nil {
+			s.Estimate = est
+			log.Info("model", "name", s.Name, "path", s.Path, "estimated_bytes", est, "estimate", detail,
+				"ttl", models.FormatTTL(s.TTL), "preload", s.Preload, "pin", s.Pin, "aliases", s.Aliases)
+		} else {
+			log.Info("model", "name", s.Name, "path", s.Path, "estimate", "unknown: "+err.Error())
+		}
 	}
 
-	m := metrics.New(metrics.ModelInfo{Model: filepath.Base(model)}, metrics.BuildInfo{Version: version, GoVersion: runtime.Version()})
-	st := metrics.NewStats(time.Now)
-	scfg := scheduler.DefaultConfig()
-	scfg.Window = msDuration(c.WindowMS)
-	scfg.MaxQueue, scfg.MaxQueueTokens, scfg.MaxCrashes, scfg.Tune = c.MaxQueue, c.MaxQueueTokens, c.MaxCrashes, tune
-	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
-	scfg.Routing.Policy = c.Routing
-	sched := scheduler.New(scfg, m, st)
+	// Instruments: one registry; each model's series carry its label (the
+	// directory's name when one model is served, as before; else its name).
+	single := len(specs) == 1
+	build := metrics.BuildInfo{Version: version, GoVersion: runtime.Version()}
+	var m *metrics.Metrics
+	parts := map[string]modelParts{}
+	var names []string
+	if single {
+		m = metrics.New(metrics.ModelInfo{Model: filepath.Base(specs[0].Path)}, build)
+		parts[specs[0].Name] = modelParts{m: m, stats: metrics.NewStats(time.Now)}
+		names = []string{filepath.Base(specs[0].Path)}
+	} else {
+		m = metrics.New(metrics.ModelInfo{Model: ""}, build) // the front door's own series, for no model in particular
+		for _, s := range specs {
+			parts[s.Name] = modelParts{m: m.ForModel(metrics.ModelInfo{Model: s.Name}, build), stats: metrics.NewStats(time.Now)}
+			names = append(names, s.Name)
+		}
+	}
+	label := func(name string) string {
+		if single {
+			return names[0]
+		}
+		return name
+	}
+	mset := m.Models(names, models.States, models.LoadResults, models.EvictReasons)
+	mset.Budget.Set(float64(budget))
+	builder := &modelBuilder{c: c, python: python, env: env, log: log, parts: parts}
+	mgr, err := models.New(models.Config{
+		Models: specs, Load: builder.load, MemoryBudget: budget, MaxLoaded: maxLoaded, MaxWaiting: c.ModelMaxWaiting,
+		LoadTimeout: c.LoadTimeout, MinResidency: c.MinResidency, AgeCap: c.SwapAgeCap, Log: log,
+		Hooks: models.Hooks{
+			State: func(model, state string) { mset.SetState(label(model), state) },
+			Load: func(model, result string, seconds float64) {
+				mset.Loads.WithLabelValues(label(model), result).Inc()
+				mset.LoadDuration.WithLabelValues(label(model)).Observe(seconds)
+			},
+			Evict: func(model, reason string) { mset.Evictions.WithLabelValues(label(model), reason).Inc() },
+			Memory: func(model string, estimated, measured int64) {
+				mset.Memory.WithLabelValues(label(model), "estimated").Set(float64(estimated))
+				mset.Memory.WithLabelValues(label(model), "measured").Set(float64(measured))
+			},
+		},
+	})
+	if err != nil {
+		return err
+	}
 
 	var ids atomic.Uint64
 	nextID := func() uint64 { return ids.Add(1) }
-	pcfg := supervisor.DefaultConfig()
-	pcfg.Workers = c.Workers
-	pcfg.StartTimeout, pcfg.HeartbeatInterval, pcfg.HeartbeatTimeout = c.StartTimeout, c.Heartbeat, c.HeartbeatLimit
-	pcfg.ProgressTimeout, pcfg.StopGrace = c.ProgressTimeout, c.StopGrace
-	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20
-	pcfg.Command = func(slot int) supervisor.Command {
-		args := []string{"-m", "krserve_worker", "--model", model,
-			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep),
-			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
-		if c.WorkerExec != "" {
-			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
-		}
-		return supervisor.Command{Path: python, Env: env, Args: args}
-	}
-	pool := supervisor.NewPool(pcfg, sched, m, log)
-
-	ops := &ops{pool: pool, sched: sched, stats: st, started: time.Now(), workers: c.Workers}
+	ops := &ops{mgr: mgr, parts: parts, started: time.Now(), single: single}
 	apiCfg := c.API
 	apiCfg.APIKey, apiCfg.ProtectOps, apiCfg.LogPrompts = c.APIKey, c.ProtectOps, c.LogPrompts
-	front := api.New(apiCfg, sched, pool, ops, m, log, nextID)
+	front := api.NewModels(apiCfg, mgr, ops, m, log, nextID)
 
 	addr := net.JoinHostPort(c.Host, strconv.Itoa(c.Port))
 	ln, err := net.Listen("tcp", addr)
@@ -326,20 +399,19 @@ func runUp(parent context.Context, c upConfig) error {
 		mux.Handle("GET /metrics", m.Handler())
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	}
-	log.Info("krserve listening", "addr", "http://"+ln.Addr().String(), "workers", c.Workers, "batch_size", c.BatchSize, "prefill_batch", prefillBatch,
-		"window_ms", c.WindowMS, "auto_tune", c.AutoTune, "metrics_addr", c.MetricsAddr, "python", python)
+	log.Info("krserve listening", "addr", "http://"+ln.Addr().String(), "models", len(specs), "workers", c.Workers, "batch_size", c.BatchSize,
+		"window_ms", c.WindowMS, "auto_tune", c.AutoTune, "memory_budget", budget, "max_loaded_models", maxLoaded,
+		"metrics_addr", c.MetricsAddr, "python", python)
 	if c.Host != "127.0.0.1" && c.Host != "localhost" && c.Host != "::1" {
 		log.Warn("listening beyond loopback", "host", c.Host, "api_key_set", c.APIKey != "")
 	}
 
 	// Actors: they start together; the first to return ends the others.
-	schedCtx, stopSched := context.WithCancel(context.Background())
-	poolCtx, stopPool := context.WithCancel(context.Background())
+	mgrCtx, stopMgr := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	errs := make(chan error, 4)
-	wg.Add(2)
-	go func() { defer wg.Done(); errs <- sched.Run(schedCtx) }()
-	go func() { defer wg.Done(); errs <- pool.Run(poolCtx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); errs <- mgr.Run(mgrCtx) }()
 	go func() {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			errs <- fmt.Errorf("http server: %w", err)
@@ -352,28 +424,17 @@ func runUp(parent context.Context, c upConfig) error {
 			}
 		}()
 	}
-	go func() {
-		select {
-		case <-pool.Ready():
-			log.Info("ready: a worker has loaded the model")
-			if h := pool.Hello(); h != nil {
-				m.SetInfo(metrics.ModelInfo{Quantization: quantizationOf(model), ContextLength: h.Context},
-					metrics.BuildInfo{Version: version, MLXVersion: h.Versions["mlx"], MLXLMVersion: h.Versions["mlx_lm"]})
-			}
-		case <-sigCtx.Done():
-		}
-	}()
 
 	var runErr error
 	select {
 	case <-sigCtx.Done():
 		// /ready turns 503 at once; requests are admitted for the drain
 		// delay, then refused with 503 while in-flight ones finish.
-		runErr = drainAfterSignal(stopPlan{Delay: c.DrainDelay, Timeout: c.DrainTimeout}, ops.leave, sched, errs, time.After, log)
+		runErr = drainAfterSignal(stopPlan{Delay: c.DrainDelay, Timeout: c.DrainTimeout}, ops.leave, mgr, errs, time.After, log)
 	case runErr = <-errs:
 		log.Error("shutting down after failure", "err", runErr)
 		ops.leave()
-		drainFor(c.DrainTimeout, sched, time.After, log)
+		drainFor(c.DrainTimeout, mgr, time.After, log)
 	}
 	// Let handlers write their last bytes, then stop workers and listeners.
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -382,11 +443,32 @@ func runUp(parent context.Context, c upConfig) error {
 	if metricsSrv != nil {
 		_ = metricsSrv.Shutdown(shutCtx)
 	}
-	stopPool()
-	stopSched()
+	stopMgr()
 	wg.Wait()
 	log.Info("stopped")
 	return runErr
+}
+
+// resolveModelPath turns a configured path into the model directory the
+// workers load: a directory with config.json (~/ expanded), a repo id found
+// in the Hugging Face cache (offline), or, with --allow-online, a repo id the
+// workers may download.
+func resolveModelPath(p string, online bool, places models.Places) (string, error) {
+	dir := expandHome(p)
+	if st, err := os.Stat(dir); err == nil && st.IsDir() {
+		dir, _ = filepath.Abs(dir)
+		if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
+			return "", fmt.Errorf("--model %q is not an mlx-lm model directory: it has no config.json", dir)
+		}
+		return dir, nil
+	}
+	if snap, ok := places.HFSnapshot(p); ok {
+		return snap, nil
+	}
+	if !online || !strings.Contains(p, "/") || strings.HasPrefix(p, ".") || strings.HasPrefix(p, "/") {
+		return "", fmt.Errorf("--model %q: no such directory, nor a repo id in the Hugging Face cache %s (`krserve models` lists what is there; downloading needs --allow-online and a network)", p, places.HFHub())
+	}
+	return p, nil
 }
 
 // quantizationOf describes the model's quantization from its config.json
@@ -411,29 +493,66 @@ func quantizationOf(dir string) string {
 	return fmt.Sprintf("%dbit-g%d", cfg.Quantization.Bits, cfg.Quantization.GroupSize)
 }
 
-// ops answers /ready and /stats from the pool and scheduler.
+// ops answers /ready and /stats from the models and their pools and
+// schedulers.
 type ops struct {
-	pool    *supervisor.Pool
-	sched   *scheduler.Scheduler
-	stats   *metrics.Stats
+	mgr     *models.Manager
+	parts   map[string]modelParts
 	started time.Time
-	workers int
-	leaving atomic.Bool // a signal came: not ready, whether or not the scheduler refuses yet
+	single  bool        // one model: /ready and /stats keep their one-model shape
+	leaving atomic.Bool // a signal came: not ready, whether or not the models refuse yet
 }
 
 // leave makes /ready answer 503 from now on.
 func (o *ops) leave() { o.leaving.Store(true) }
 
+// Ready answers /ready: with one model, whether it can serve; with several,
+// whether the server takes requests (models load on demand) and each one's
+// state. ReadyModel answers /ready?model=NAME.
 func (o *ops) Ready() (bool, any) {
-	if o.sched.Draining() {
+	if o.leaving.Load() {
 		return false, map[string]any{"status": "draining", "reason": "server is shutting down: in-flight requests finish, new ones get 503"}
 	}
+	if o.single {
+		return o.ReadyModel(o.mgr.Names()[0])
+	}
+	states := map[string]string{}
+	for _, s := range o.mgr.Status() {
+		states[s.Name] = s.State
+	}
+	return true, map[string]any{"status": "ready", "models": states}
+}
+
+// ReadyModel is one model's readiness: loaded with a healthy worker.
+func (o *ops) ReadyModel(name string) (bool, any) {
 	if o.leaving.Load() {
-		return false, map[string]any{"status": "draining", "reason": "server is shutting down: still admitting requests until --drain-delay passes"}
+		return false, map[string]any{"status": "draining", "reason": "server is shutting down: in-flight requests finish, new ones get 503"}
+	}
+	st, ok := o.mgr.StatusOf(name)
+	if !ok {
+		return false, nil
+	}
+	inst, _ := o.mgr.Instance(name).(*modelRuntime)
+	if st.State != models.StateReady || inst == nil {
+		body := map[string]any{"status": st.State, "model": name, "workers_healthy": 0, "workers_total": st.Workers}
+		switch st.State {
+		case models.StateLoading:
+			body["status"], body["reason"] = "loading", "loading the model"
+		case models.StateFailed:
+			body["reason"] = "the model failed to load: " + st.Reason
+		case models.StateDraining:
+			body["reason"] = "the model is being unloaded"
+		default:
+			body["reason"] = "the model is not loaded; a request loads it"
+		}
+		return false, body
+	}
+	if inst.Scheduler.Draining() {
+		return false, map[string]any{"status": "draining", "reason": "server is shutting down: in-flight requests finish, new ones get 503"}
 	}
 	healthy, loading, failed := 0, 0, 0
 	var reasons []string
-	for _, s := range o.pool.Status() {
+	for _, s := range inst.Pool.Status() {
 		switch {
 		case s.Healthy:
 			healthy++
@@ -448,20 +567,24 @@ func (o *ops) Ready() (bool, any) {
 			reasons = append(reasons, fmt.Sprintf("worker %d is %s", s.Slot, s.State))
 		}
 	}
-	body := map[string]any{"workers_healthy": healthy, "workers_total": o.workers}
+	workers := st.Workers
+	body := map[string]any{"workers_healthy": healthy, "workers_total": workers}
+	if !o.single {
+		body["model"] = name
+	}
 	switch {
-	case healthy == o.workers:
+	case healthy == workers:
 		body["status"] = "ready"
 		return true, body
 	case healthy > 0:
 		body["status"] = "degraded"
-		body["reason"] = fmt.Sprintf("degraded: %d of %d workers healthy", healthy, o.workers)
+		body["reason"] = fmt.Sprintf("degraded: %d of %d workers healthy", healthy, workers)
 		body["details"] = reasons
 		return true, body
-	case loading > 0 && failed == 0 && o.pool.Hello() == nil:
+	case loading > 0 && failed == 0 && inst.Pool.Hello() == nil:
 		body["status"] = "loading"
 		body["reason"] = "loading the model"
-	case failed == o.workers:
+	case failed == workers:
 		body["status"] = "failed"
 		body["reason"] = "every worker keeps failing; retrying later"
 		body["details"] = reasons
@@ -473,12 +596,30 @@ func (o *ops) Ready() (bool, any) {
 	return false, body
 }
 
-func (o *ops) Stats() any {
-	return map[string]any{
-		"server":    o.stats.Snapshot(),
-		"scheduler": o.sched.State(),
-		"workers":   o.pool.Status(),
-		"model":     o.pool.Hello(),
-		"uptime_s":  time.Since(o.started).Seconds(),
+// modelStats is one model's part of /stats.
+func (o *ops) modelStats(st models.Status) map[string]any {
+	doc := map[string]any{"state": st.State, "server": o.parts[st.Name].stats.Snapshot(),
+		"scheduler": nil, "workers": []supervisor.SlotStatus{}, "model": nil}
+	if inst, _ := o.mgr.Instance(st.Name).(*modelRuntime); inst != nil {
+		doc["scheduler"], doc["workers"], doc["model"] = inst.Scheduler.State(), inst.Pool.Status(), inst.Pool.Hello()
 	}
+	return doc
+}
+
+// Stats answers /stats: per model its request statistics, scheduler,
+// workers and hello; with one model those are also the top-level keys, as
+// they always were.
+func (o *ops) Stats() any {
+	all := map[string]any{}
+	doc := map[string]any{"uptime_s": time.Since(o.started).Seconds(), "models": all}
+	for _, st := range o.mgr.Status() {
+		ms := o.modelStats(st)
+		all[st.Name] = ms
+		if o.single {
+			for _, k := range []string{"server", "scheduler", "workers", "model"} {
+				doc[k] = ms[k]
+			}
+		}
+	}
+	return doc
 }

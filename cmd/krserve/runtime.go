@@ -1,0 +1,162 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/krserve/krserve/metrics"
+	"github.com/krserve/krserve/models"
+	"github.com/krserve/krserve/scheduler"
+	"github.com/krserve/krserve/supervisor"
+)
+
+// modelRuntime is one loaded model: its scheduler and worker pool, running.
+// It is what the front door routes a request to (Submit, Cancel, Hello,
+// CanServe) and what the models.Manager starts and stops.
+type modelRuntime struct {
+	*scheduler.Scheduler
+	*supervisor.Pool
+	stats  *metrics.Stats
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// MemoryBytes is the resident memory its workers report (their last pong).
+func (r *modelRuntime) MemoryBytes() int64 {
+	var n int64
+	for _, s := range r.Pool.Status() {
+		n += s.RSS
+	}
+	return n
+}
+
+// Stop stops the workers (staged) and the scheduler and returns once every
+// process is reaped.
+func (r *modelRuntime) Stop() {
+	r.cancel()
+	r.wg.Wait()
+}
+
+// modelParts are what a model keeps across loads: its instruments.
+type modelParts struct {
+	m     *metrics.Metrics
+	stats *metrics.Stats
+}
+
+// modelBuilder builds one model's scheduler and pool from upConfig, the
+// way `krserve up` has always built its one model: everything but the path,
+// the workers and B is the server's setting.
+type modelBuilder struct {
+	c      upConfig
+	python string
+	env    []string
+	log    *slog.Logger
+	parts  map[string]modelParts
+}
+
+// load is the models.Loader: it starts the model's workers and returns once
+// one has said hello, or with the workers' reasons once every one of them
+// has failed to start.
+func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Instance, error) {
+	c := b.c
+	log := b.log.With("model", spec.Name)
+	parts := b.parts[spec.Name]
+	tune := scheduler.TuneConfig{
+		Enabled: c.AutoTune, Min: c.TuneMin, Max: c.TuneMax, Initial: spec.BatchSize, Alpha: c.TuneAlpha,
+		Interval: c.TuneInterval, Window: c.TuneWindow, Target: msDuration(c.P99TargetMS), Tolerance: msDuration(c.ToleranceMS),
+	}
+	if !c.AutoTune { // a fixed B is whatever the user asked for
+		tune.Min, tune.Max = min(tune.Min, spec.BatchSize), max(tune.Max, spec.BatchSize)
+	}
+	maxB := max(tune.Max, spec.BatchSize)
+	prefillBatch := c.PrefillBatch
+	if prefillBatch == 0 {
+		prefillBatch = maxB
+	}
+	scfg := scheduler.DefaultConfig()
+	scfg.Window = msDuration(c.WindowMS)
+	scfg.MaxQueue, scfg.MaxQueueTokens, scfg.MaxCrashes, scfg.Tune = c.MaxQueue, c.MaxQueueTokens, c.MaxCrashes, tune
+	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
+	scfg.Routing.Policy = c.Routing
+	sched := scheduler.New(scfg, parts.m, parts.stats)
+
+	type startFailure struct {
+		slot int
+		err  error
+	}
+	failures := make(chan startFailure, 64)
+	env := blasThreads(b.env, runtime.NumCPU(), spec.Workers)
+	pcfg := supervisor.DefaultConfig()
+	pcfg.Workers = spec.Workers
+	pcfg.StartTimeout, pcfg.HeartbeatInterval, pcfg.HeartbeatTimeout = c.StartTimeout, c.Heartbeat, c.HeartbeatLimit
+	pcfg.ProgressTimeout, pcfg.StopGrace = c.ProgressTimeout, c.StopGrace
+	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20
+	pcfg.OnStartFailure = func(slot int, err error) {
+		select {
+		case failures <- startFailure{slot, err}:
+		default:
+		}
+	}
+	pcfg.Command = func(slot int) supervisor.Command {
+		args := []string{"-m", "krserve_worker", "--model", spec.Path,
+			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep),
+			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
+		if c.WorkerExec != "" {
+			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
+		}
+		return supervisor.Command{Path: b.python, Env: env, Args: args}
+	}
+	pool := supervisor.NewPool(pcfg, sched, parts.m, log)
+
+	rctx, cancel := context.WithCancel(context.Background())
+	r := &modelRuntime{Scheduler: sched, Pool: pool, stats: parts.stats, cancel: cancel}
+	r.wg.Add(2)
+	go func() { defer r.wg.Done(); _ = sched.Run(rctx) }()
+	go func() { defer r.wg.Done(); _ = pool.Run(rctx) }()
+	failed := map[int]string{}
+	for {
+		select {
+		case <-pool.Ready():
+			if h := pool.Hello(); h != nil {
+				parts.m.SetInfo(metrics.ModelInfo{Quantization: quantizationOf(spec.Path), ContextLength: h.Context},
+					metrics.BuildInfo{Version: version, MLXVersion: h.Versions["mlx"], MLXLMVersion: h.Versions["mlx_lm"]})
+			}
+			return r, nil
+		case f := <-failures:
+			failed[f.slot] = f.err.Error()
+			if len(failed) < spec.Workers {
+				continue
+			}
+			r.Stop()
+			return nil, errors.New(joinReasons(failed))
+		case <-ctx.Done():
+			r.Stop()
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// joinReasons writes the workers' start failures, the same reason once.
+func joinReasons(failed map[int]string) string {
+	seen := map[string][]int{}
+	for slot, why := range failed {
+		seen[why] = append(seen[why], slot)
+	}
+	var parts []string
+	for why, slots := range seen {
+		sort.Ints(slots)
+		parts = append(parts, why)
+	}
+	sort.Strings(parts)
+	if len(failed) == 1 {
+		return parts[0]
+	}
+	return fmt.Sprintf("every worker failed to start: %s", strings.Join(parts, "; "))
+}
