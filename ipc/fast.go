@@ -54,6 +54,7 @@ func appendBody(b []byte, m *Message) []byte {
 			e.b = appendStr(appendStr(e.b, k), m.Versions[k])
 		}
 	}
+	e.int("cache_bytes", m.CacheBytes)
 	e.uint("id", m.ID)
 	e.uint("seq", m.Seq)
 	e.int32s("prompt", m.Prompt)
@@ -116,12 +117,15 @@ func appendBody(b []byte, m *Message) []byte {
 	e.str("reason", m.Reason)
 	e.int("ptoks", int64(m.PToks))
 	e.int("ctoks", int64(m.CToks))
+	e.int("cached", int64(m.Cached))
 	e.str("code", m.Code)
 	e.str("msg", m.Msg)
 	e.int("active", int64(m.Active))
 	e.int("mem_active", m.MemActive)
 	e.int("mem_peak", m.MemPeak)
 	e.int("rss", m.RSS)
+	e.int("cache", m.Cache)
+	e.int("evicted", m.Evicted)
 
 	b = e.b
 	if e.n < 16 {
@@ -362,6 +366,8 @@ func (d *decoder) message(m *Message) error {
 			m.EOS = d.int32s()
 		case "caps":
 			m.Caps = d.strs()
+		case "cache_bytes":
+			m.CacheBytes = d.int()
 		case "id":
 			m.ID = d.uint()
 		case "seq":
@@ -418,6 +424,8 @@ func (d *decoder) message(m *Message) error {
 			m.PToks = int(d.int())
 		case "ctoks":
 			m.CToks = int(d.int())
+		case "cached":
+			m.Cached = int(d.int())
 		case "code":
 			m.Code = d.str()
 		case "msg":
@@ -430,6 +438,10 @@ func (d *decoder) message(m *Message) error {
 			m.MemPeak = d.int()
 		case "rss":
 			m.RSS = d.int()
+		case "cache":
+			m.Cache = d.int()
+		case "evicted":
+			m.Evicted = d.int()
 		default:
 			return errGeneric
 		}

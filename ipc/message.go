@@ -8,10 +8,12 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 )
 
-// Version is the protocol version this supervisor speaks. Version 2: a gen
-// carries the prompt as text or chat messages, which the worker tokenizes
-// (version 1 had a separate tokenize round trip).
-const Version = 2
+// Version is the protocol version this supervisor speaks. Version 3: the
+// worker's prompt cache (done.cached, hello.cache_bytes, pong.cache and
+// pong.evicted). Version 2: a gen carries the prompt as text or chat
+// messages, which the worker tokenizes (version 1 had a separate tokenize
+// round trip).
+const Version = 3
 
 // Message types (the "t" key).
 const (
@@ -47,6 +49,8 @@ type Message struct {
 	EOS      []int32           `msgpack:"eos,omitempty"`
 	Caps     []string          `msgpack:"caps,omitempty"`
 	Versions map[string]string `msgpack:"versions,omitempty"`
+	// CacheBytes is the worker's prompt cache budget in bytes (0: off).
+	CacheBytes int64 `msgpack:"cache_bytes,omitempty"`
 
 	ID  uint64 `msgpack:"id,omitempty"`
 	Seq uint64 `msgpack:"seq,omitempty"`
@@ -89,6 +93,7 @@ type Message struct {
 	Reason string `msgpack:"reason,omitempty"`
 	PToks  int    `msgpack:"ptoks,omitempty"`
 	CToks  int    `msgpack:"ctoks,omitempty"`
+	Cached int    `msgpack:"cached,omitempty"` // of ptoks, taken from the prompt cache
 
 	// error
 	Code string `msgpack:"code,omitempty"`
@@ -99,6 +104,8 @@ type Message struct {
 	MemActive int64 `msgpack:"mem_active,omitempty"`
 	MemPeak   int64 `msgpack:"mem_peak,omitempty"`
 	RSS       int64 `msgpack:"rss,omitempty"`
+	Cache     int64 `msgpack:"cache,omitempty"`   // bytes the prompt cache holds
+	Evicted   int64 `msgpack:"evicted,omitempty"` // prompt cache entries evicted since the worker started
 }
 
 // Encode returns the msgpack body of m (no length prefix).
