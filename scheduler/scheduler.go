@@ -334,6 +334,10 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 			s.onTokensLocked(r, m.IDs, m.Text, nil, now)
 		}
 		r.ptoks = m.PToks
+		r.cached = m.Cached
+		s.m.PrefixCacheQueries.Add(float64(m.PToks))
+		s.m.PrefixCacheHits.Add(float64(m.Cached))
+		s.st.ObservePrefixCache(m.PToks, m.Cached)
 		if r.Prompt == nil { // prefilled: the prompt, then what earlier workers generated
 			r.promptToks = max(0, m.PToks-(len(r.generated)-r.dispatchToks))
 		}
@@ -371,7 +375,8 @@ func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
 	r.finished = true
 	s.m.RequestSuccess.WithLabelValues(reason).Inc()
 	s.observeDoneLocked(r, now)
-	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: r.promptTokens(), CompletionTokens: len(r.generated) + r.unsent})
+	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: r.promptTokens(), CachedTokens: r.cachedTokens(),
+		CompletionTokens: len(r.generated) + r.unsent})
 	s.checkIdleLocked()
 }
 
