@@ -282,3 +282,68 @@ def test_resume_hits_the_cache(start_worker, ref, fast):
     got = summarize(w.collect(2))
     assert want["ids"][:8] + got["ids"] == want["ids"]
     assert got["last"]["cached"] == len(p) + 8 - 1
+
+
+# -- a model whose cache cannot be trimmed (mamba: ArraysCache) ----------------
+
+
+@pytest.fixture(scope="module")
+def mamba(tmp_path_factory):
+    from conftest import _load_script
+
+    out = tmp_path_factory.mktemp("mamba") / "model"
+    assert _load_script().main([str(out), "--seed", "0", "--arch", "mamba"]) == 0
+    from mlx_lm import load
+
+    model, tok = load(str(out))
+    assert type(model.make_cache()[0]).__name__ == "ArraysCache"
+    return str(out), (model, tok)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_state_space_model_multi_turn_and_exact_prefixes_only(start_worker, mamba, clean, fast):
+    """ArraysCache cannot be trimmed: the worker resumes only from states it
+    stored for an exact prefix (the end of the system prompt, of each prompt,
+    the finished sequence), and the output equals uncached generation every
+    turn, on the fast path and through the BatchGenerator (one request at a
+    time: mlx-lm 0.32.2 does not batch mamba prompts of different lengths
+    correctly even without a cache, see batch_generate)."""
+    path, ref = mamba
+    _, tok = ref
+    w = start_worker(path, args=() if fast else ("--no-single-fast-path",))
+    w.hello()
+    msgs, turns = conversation(QUESTIONS[:3])
+    prev, first_prompt = None, 0
+    for i, q in enumerate(turns):
+        msgs.append({"role": "user", "content": q})
+        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        first_prompt = first_prompt or len(ids)
+        w.send(chat(10 + i, msgs, 16, logit_bias=clean))
+        got = summarize(w.collect(10 + i))
+        assert got["ids"] == ref_greedy(ref, ids, 16, logit_bias=clean)["ids"], f"turn {i + 1}"
+        if prev is not None:
+            assert got["last"]["cached"] >= 0.9 * (prev["ptoks"] + prev["ctoks"])
+        prev = got["last"]
+        msgs.append({"role": "assistant", "content": got["text"]})
+    # The same prompt again (a regenerated answer): the prompt-end checkpoint.
+    w.send(chat(20, msgs[:-1], 16, logit_bias=clean))
+    again = summarize(w.collect(20))
+    assert again["last"]["cached"] == prev["ptoks"] - 1
+    # A prompt that leaves the stored conversation mid-way (another first
+    # answer) cannot use the longer states (no trimming): the nearest exact
+    # prefix is turn 1's prompt-end checkpoint.
+    other = msgs[:2] + [{"role": "assistant", "content": "Something else entirely."},
+                        {"role": "user", "content": QUESTIONS[4]}]
+    ids = list(tok.apply_chat_template(other, add_generation_prompt=True, tokenize=True))
+    w.send(chat(21, other, 16, logit_bias=clean))
+    got = summarize(w.collect(21))
+    assert got["last"]["cached"] == first_prompt - 1
+    assert got["ids"] == ref_greedy(ref, ids, 16, logit_bias=clean)["ids"]
+    # A new conversation with the same system prompt: its checkpoint.
+    sys_ids = list(tok.apply_chat_template(msgs[:1], tokenize=True))
+    new = msgs[:1] + [{"role": "user", "content": QUESTIONS[3]}]
+    ids = list(tok.apply_chat_template(new, add_generation_prompt=True, tokenize=True))
+    w.send(chat(22, new, 16, logit_bias=clean))
+    got = summarize(w.collect(22))
+    assert len(sys_ids) <= got["last"]["cached"] < len(ids) - 1
+    assert got["ids"] == ref_greedy(ref, ids, 16, logit_bias=clean)["ids"]
