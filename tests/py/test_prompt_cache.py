@@ -158,19 +158,21 @@ def test_shared_system_prompt_is_a_checkpoint(start_worker, ref):
     assert got["ids"] == ref_greedy(ref, ids, 8)["ids"]
 
 
-def test_penalties_on_a_cache_hit_match_uncached(start_worker, ref):
+@pytest.mark.parametrize("fast", [True, False])
+def test_penalties_on_a_cache_hit_match_uncached(start_worker, ref, fast):
     """Logits processors see the whole prompt on a cache hit too (the fast
-    path hands generate_step only the uncached tail)."""
+    path hands generate_step only the uncached tail; with these prompts,
+    penalties over the tail alone give other tokens)."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_logits_processors
 
     model, tok = ref
-    w = start_worker()
+    w = start_worker(args=() if fast else ("--no-single-fast-path",))
     w.hello()
     p = tok.encode("The quick brown fox jumps over the lazy dog. " * 3, add_special_tokens=False)
     w.send(gen(1, p, 4))
     summarize(w.collect(1))
-    q = p + tok.encode(" The dog", add_special_tokens=False)
+    q = p + tok.encode(" sea", add_special_tokens=False)
     w.send(gen(2, q, 24, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3))
     got = summarize(w.collect(2))
     assert got["last"]["cached"] >= len(p)

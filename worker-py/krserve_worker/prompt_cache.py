@@ -181,6 +181,27 @@ def copy_cache(cache: list) -> list:
     return copy.deepcopy(cache)
 
 
+def prefill(model, cache: list, tokens: list[int], start: int, stop: int, step: int) -> None:
+    """Run ``tokens[start:stop]`` through the model into ``cache``, ``step``
+    tokens at a time, as generate_step prefills (the fast path's checkpoints)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generation_stream
+
+    with mx.stream(generation_stream):
+        for a in range(start, stop, step):
+            model(mx.array(tokens[a:min(stop, a + step)])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+
+
+def with_prefix(processor, prefix: list[int]):
+    """A logits processor that sees ``prefix`` before the tokens it is given
+    (generate_step passes only the tokens it prefilled and generated)."""
+    import mlx.core as mx
+
+    head = mx.array(prefix)
+    return lambda tokens, logits: processor(mx.concatenate([head, tokens]), logits)
+
+
 def _compact(cache: list) -> None:
     """Drop the unused tail of ``KVCache`` buffers (they grow in 256-token
     steps), so an entry's bytes are what it holds."""

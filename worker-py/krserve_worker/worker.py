@@ -51,8 +51,8 @@ import time
 from . import __version__, blas, protocol
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
-from .prompt_cache import (PromptCache, copy_cache, default_budget, prompt_checkpoints_needed,
-                           system_end)
+from .prompt_cache import (PromptCache, copy_cache, default_budget, prefill,
+                           prompt_checkpoints_needed, system_end, with_prefix)
 from .protocol import ProtocolError
 from .textstream import TextStream
 
@@ -530,31 +530,24 @@ class Worker:
         self.pc.trim(self.active_bytes())
 
     def start_fast(self, r: Request):
-        from mlx_lm.generate import generation_stream
         from mlx_lm.models.cache import make_prompt_cache
 
-        mx = self.mx
         cache = r.cache if r.cache is not None else make_prompt_cache(self.model)
         r.cache = None
         toks, pos = r.tokens, r.cached
         self.fast_cache, self.fast_tokens = cache, list(toks)
         # Prefill to each checkpoint and store a copy there (generate_step
         # prefills the rest: at least the last token).
-        with mx.stream(generation_stream):
-            for stop, kind in r.checkpoints(self.prompt_end_checkpoints):
-                for a in range(pos, stop, self.prefill_step):
-                    self.model(mx.array(toks[a:min(stop, a + self.prefill_step)])[None], cache=cache)
-                    mx.eval([c.state for c in cache])
-                pos = stop
-                self.pc.store(toks[:stop], copy_cache(cache), kind, self.active_bytes())
-        processors = r.processors
-        if processors and pos > 0:
-            # generate_step shows processors only the tokens it was given:
-            # put back the prefix the cache and the checkpoints took.
-            processors = [_with_prefix(f, mx.array(toks[:pos])) for f in processors]
+        for stop, kind in r.checkpoints(self.prompt_end_checkpoints):
+            prefill(self.model, cache, toks, pos, stop, self.prefill_step)
+            pos = stop
+            self.pc.store(toks[:stop], copy_cache(cache), kind, self.active_bytes())
+        # generate_step shows logits processors only the tokens it is given:
+        # they see the prefix the cache and the checkpoints took too.
+        processors = [with_prefix(f, toks[:pos]) for f in r.processors] if pos else r.processors
         self.fast = r
         self.fast_iter = self.generate_step(
-            mx.array(toks[pos:]), self.model, max_tokens=r.p.max_tokens, sampler=r.sampler,
+            self.mx.array(toks[pos:]), self.model, max_tokens=r.p.max_tokens, sampler=r.sampler,
             logits_processors=processors or None, prefill_step_size=self.prefill_step,
             prompt_cache=cache)
         self.reqs[r.p.id] = r
@@ -771,13 +764,6 @@ class Worker:
                     log(f"timing: {self.n_steps} steps, {1000 * self.t_step / 256:.2f} ms/step in step(), "
                         f"{1000 * (self.t_loop - self.t_step) / 256:.2f} ms/step outside")
                     self.t_step = self.t_loop = 0.0
-
-
-def _with_prefix(processor, prefix):
-    """A logits processor that sees ``prefix`` before the tokens it is given."""
-    import mlx.core as mx
-
-    return lambda tokens, logits: processor(mx.concatenate([prefix, tokens]), logits)
 
 
 def _model_info(model, tokenizer, config: dict) -> tuple[int, int]:
