@@ -35,7 +35,20 @@ const (
 	magicWorkerSilent    = "worker-silent"    // worker: takes the request and never answers until cancelled
 	magicWorkerInvalid   = "worker-invalid"   // worker: error frame, code invalid
 	magicWorkerInternal  = "worker-internal"
+	magicCached          = "cache-hit" // worker: done reports all but the prompt's last token as cached
 )
+
+// fakeCached is what the fake worker reports as taken from its prompt cache.
+func fakeCached(m *ipc.Message) int {
+	hit := strings.Contains(m.Text, magicCached)
+	for _, cm := range m.Messages {
+		hit = hit || strings.Contains(cm.Content, magicCached)
+	}
+	if !hit {
+		return 0
+	}
+	return len(m.Prompt) + len(m.Resume) - 1
+}
 
 // ---------------------------------------------------------------- fake pool
 
@@ -406,7 +419,8 @@ func (w *fakeWorker) emit() bool {
 		}
 		w.deliver(tok)
 		if finish != "" {
-			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt) + len(st.m.Resume), CToks: st.next - len(st.m.Resume)})
+			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt) + len(st.m.Resume), CToks: st.next - len(st.m.Resume),
+				Cached: fakeCached(&st.m)})
 		}
 		if crash {
 			w.mu.Lock()

@@ -313,9 +313,17 @@ func parsePrompt(r json.RawMessage) (text string, ids []int32, e *apiError) {
 // Response shapes.
 
 type usage struct {
-	PromptTokens     int `json:"prompt_tokens"`
-	CompletionTokens int `json:"completion_tokens"`
-	TotalTokens      int `json:"total_tokens"`
+	PromptTokens        int           `json:"prompt_tokens"`
+	CompletionTokens    int           `json:"completion_tokens"`
+	TotalTokens         int           `json:"total_tokens"`
+	PromptTokensDetails promptDetails `json:"prompt_tokens_details"`
+}
+
+// promptDetails is OpenAI's usage.prompt_tokens_details: CachedTokens of the
+// prompt tokens came from the worker's prompt cache (always present, 0 when
+// none did, as OpenAI reports it).
+type promptDetails struct {
+	CachedTokens int `json:"cached_tokens"`
 }
 
 type chatChoice struct {

@@ -14,9 +14,12 @@ import (
 )
 
 type usageJSON struct {
-	PromptTokens     *int `json:"prompt_tokens"`
-	CompletionTokens *int `json:"completion_tokens"`
-	TotalTokens      *int `json:"total_tokens"`
+	PromptTokens        *int `json:"prompt_tokens"`
+	CompletionTokens    *int `json:"completion_tokens"`
+	TotalTokens         *int `json:"total_tokens"`
+	PromptTokensDetails *struct {
+		CachedTokens *int `json:"cached_tokens"`
+	} `json:"prompt_tokens_details"`
 }
 
 type choiceJSON struct {
@@ -57,11 +60,20 @@ func decodeResponse(t *testing.T, b []byte) responseJSON {
 
 func checkUsage(t *testing.T, u *usageJSON, prompt, completion int) {
 	t.Helper()
-	if u == nil || u.PromptTokens == nil || u.CompletionTokens == nil || u.TotalTokens == nil {
+	checkUsageCached(t, u, prompt, completion, 0)
+}
+
+func checkUsageCached(t *testing.T, u *usageJSON, prompt, completion, cached int) {
+	t.Helper()
+	if u == nil || u.PromptTokens == nil || u.CompletionTokens == nil || u.TotalTokens == nil ||
+		u.PromptTokensDetails == nil || u.PromptTokensDetails.CachedTokens == nil {
 		t.Fatalf("usage incomplete: %+v", u)
 	}
 	if *u.PromptTokens != prompt || *u.CompletionTokens != completion || *u.TotalTokens != prompt+completion {
 		t.Errorf("usage %d+%d=%d, want %d+%d=%d", *u.PromptTokens, *u.CompletionTokens, *u.TotalTokens, prompt, completion, prompt+completion)
+	}
+	if got := *u.PromptTokensDetails.CachedTokens; got != cached {
+		t.Errorf("usage.prompt_tokens_details.cached_tokens %d, want %d", got, cached)
 	}
 }
 
@@ -537,4 +549,46 @@ func TestStreamErrors(t *testing.T) {
 		resp, body := h.do("POST", cmplPath, `{"model":"t","stream":true,"prompt":"`+magicWorkerInvalid+`"}`)
 		h.expectError(t, resp, body, apiErr{status: 400, typ: "invalid_request_error", msg: "top_k must be >= 0"})
 	})
+}
+
+// The worker's done.cached reaches usage.prompt_tokens_details.cached_tokens
+// in every response shape: chat and completions, whole and streamed.
+func TestUsageCachedTokens(t *testing.T) {
+	h := newHarness(t)
+	chat := `{"model":"t","messages":[{"role":"user","content":"` + magicCached + `"}],"max_tokens":2`
+	cmpl := `{"model":"t","prompt":"` + magicCached + `","max_tokens":2`
+	chatPrompt, cmplPrompt := 1+len(magicCached), len(magicCached)
+	for _, c := range []struct {
+		name, path, body string
+		prompt           int
+		stream           bool
+	}{
+		{"chat", chatPath, chat + `}`, chatPrompt, false},
+		{"chat stream", chatPath, chat + `,"stream":true,"stream_options":{"include_usage":true}}`, chatPrompt, true},
+		{"completion", cmplPath, cmpl + `}`, cmplPrompt, false},
+		{"completion stream", cmplPath, cmpl + `,"stream":true,"stream_options":{"include_usage":true}}`, cmplPrompt, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var last []byte
+			if c.stream {
+				resp := h.streamRequest(t, context.Background(), c.path, c.body)
+				defer resp.Body.Close()
+				data, _, err := newSSEReader(t, resp.Body).readAll()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(data) < 2 || data[len(data)-1] != "[DONE]" {
+					t.Fatalf("stream %q", data)
+				}
+				last = []byte(data[len(data)-2])
+			} else {
+				resp, b := h.do("POST", c.path, c.body)
+				if resp.StatusCode != 200 {
+					t.Fatalf("status %d: %s", resp.StatusCode, b)
+				}
+				last = b
+			}
+			checkUsageCached(t, decodeResponse(t, last).Usage, c.prompt, 2, c.prompt-1)
+		})
+	}
 }

@@ -663,8 +663,9 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 			s.failed(ctx, w, j, req, ev.Err, log)
 			return
 		}
-		log.Debug("request done", "request", req.ID, "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens)
-		u := &usage{PromptTokens: ev.PromptTokens, CompletionTokens: ev.CompletionTokens, TotalTokens: ev.PromptTokens + ev.CompletionTokens}
+		log.Debug("request done", "request", req.ID, "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens, "cached_tokens", ev.CachedTokens)
+		u := &usage{PromptTokens: ev.PromptTokens, CompletionTokens: ev.CompletionTokens, TotalTokens: ev.PromptTokens + ev.CompletionTokens,
+			PromptTokensDetails: promptDetails{CachedTokens: ev.CachedTokens}}
 		id, created, reason := s.idFor(j, req), time.Now().Unix(), finishReason(ev.FinishReason, len(calls))
 		out := text.String()
 		if j.chat {
@@ -845,12 +846,12 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 		reason := finishReason(ev.FinishReason, nCalls)
 		write(enc.finish(reason))
 		if j.includeUsage {
-			write(enc.usage(ev.PromptTokens, ev.CompletionTokens))
+			write(enc.usage(ev.PromptTokens, ev.CompletionTokens, ev.CachedTokens))
 		}
 		// No flush: returning ends the response, and net/http writes what is
 		// buffered together with the chunked terminator in one write.
 		_, _ = io.WriteString(w, "data: [DONE]\n\n")
-		log.Debug("request done", "request", req.ID, "finish_reason", reason, "completion_tokens", ev.CompletionTokens)
+		log.Debug("request done", "request", req.ID, "finish_reason", reason, "completion_tokens", ev.CompletionTokens, "cached_tokens", ev.CachedTokens)
 		return
 	}
 }

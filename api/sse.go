@@ -75,8 +75,9 @@ func (e *chunkEncoder) finish(reason string) []byte {
 	return e.buf
 }
 
-// usage returns the include_usage event: no choices, the token counts.
-func (e *chunkEncoder) usage(prompt, completion int) []byte {
+// usage returns the include_usage event: no choices, the token counts
+// (cached: of the prompt tokens, those taken from the prompt cache).
+func (e *chunkEncoder) usage(prompt, completion, cached int) []byte {
 	b := append(e.buf[:0], e.head...)
 	b = append(b, `],"usage":{"prompt_tokens":`...)
 	b = strconv.AppendInt(b, int64(prompt), 10)
@@ -84,7 +85,9 @@ func (e *chunkEncoder) usage(prompt, completion int) []byte {
 	b = strconv.AppendInt(b, int64(completion), 10)
 	b = append(b, `,"total_tokens":`...)
 	b = strconv.AppendInt(b, int64(prompt+completion), 10)
-	e.buf = append(b, "}}\n\n"...)
+	b = append(b, `,"prompt_tokens_details":{"cached_tokens":`...)
+	b = strconv.AppendInt(b, int64(cached), 10)
+	e.buf = append(b, "}}}\n\n"...)
 	return e.buf
 }
 

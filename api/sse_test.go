@@ -54,12 +54,12 @@ func TestChunkEncoderMatchesEncodingJSON(t *testing.T) {
 					t.Errorf("chat=%v finish %q:\n got %s\nwant %s", chat, reason, got, want)
 				}
 			}
-			u := &usage{PromptTokens: 12, CompletionTokens: 345, TotalTokens: 357}
+			u := &usage{PromptTokens: 12, CompletionTokens: 345, TotalTokens: 357, PromptTokensDetails: promptDetails{CachedTokens: 11}}
 			var ref any = completionResponse{ID: "chatcmpl-1f", Object: "text_completion", Created: 1795822600, Model: model, SystemFingerprint: "krserve", Choices: []completionChoice{}, Usage: u}
 			if chat {
 				ref = chatResponse{ID: "chatcmpl-1f", Object: "chat.completion.chunk", Created: 1795822600, Model: model, SystemFingerprint: "krserve", Choices: []chatChoice{}, Usage: u}
 			}
-			if got, want := string(enc.usage(12, 345)), marshalEvent(t, ref); got != want {
+			if got, want := string(enc.usage(12, 345, 11)), marshalEvent(t, ref); got != want {
 				t.Errorf("chat=%v usage:\n got %s\nwant %s", chat, got, want)
 			}
 			if chat {

@@ -54,6 +54,7 @@ func appendBody(b []byte, m *Message) []byte {
 			e.b = appendStr(appendStr(e.b, k), m.Versions[k])
 		}
 	}
+	e.int("cache_bytes", m.CacheBytes)
 	e.uint("id", m.ID)
 	e.uint("seq", m.Seq)
 	e.int32s("prompt", m.Prompt)
@@ -135,6 +136,7 @@ func appendBody(b []byte, m *Message) []byte {
 	e.str("reason", m.Reason)
 	e.int("ptoks", int64(m.PToks))
 	e.int("ctoks", int64(m.CToks))
+	e.int("cached", int64(m.Cached))
 	if len(m.Calls) > 0 {
 		e.b = appendToolCalls(appendStr(e.b, "calls"), m.Calls)
 		e.n++
@@ -145,6 +147,8 @@ func appendBody(b []byte, m *Message) []byte {
 	e.int("mem_active", m.MemActive)
 	e.int("mem_peak", m.MemPeak)
 	e.int("rss", m.RSS)
+	e.int("cache", m.Cache)
+	e.int("evicted", m.Evicted)
 
 	b = e.b
 	if e.n < 16 {
@@ -401,6 +405,8 @@ func (d *decoder) message(m *Message) error {
 			m.EOS = d.int32s()
 		case "caps":
 			m.Caps = d.strs()
+		case "cache_bytes":
+			m.CacheBytes = d.int()
 		case "id":
 			m.ID = d.uint()
 		case "seq":
@@ -469,6 +475,8 @@ func (d *decoder) message(m *Message) error {
 			m.PToks = int(d.int())
 		case "ctoks":
 			m.CToks = int(d.int())
+		case "cached":
+			m.Cached = int(d.int())
 		case "code":
 			m.Code = d.str()
 		case "msg":
@@ -481,6 +489,10 @@ func (d *decoder) message(m *Message) error {
 			m.MemPeak = d.int()
 		case "rss":
 			m.RSS = d.int()
+		case "cache":
+			m.Cache = d.int()
+		case "evicted":
+			m.Evicted = d.int()
 		default:
 			return errGeneric
 		}

@@ -12,9 +12,10 @@ import (
 // may carry a JSON schema to constrain its output (schema), tools for the chat
 // template and a tool choice (tools, tool_choice, tool_name, one_call,
 // sent_calls), chat messages with tool calls and tool results; a tok may carry
-// the tool calls the worker parsed (calls). Version 2: a gen carries the
-// prompt as text or chat messages, which the worker tokenizes (version 1 had a
-// separate tokenize round trip).
+// the tool calls the worker parsed (calls); the worker's prompt cache
+// (done.cached, hello.cache_bytes, pong.cache and pong.evicted). Version 2: a
+// gen carries the prompt as text or chat messages, which the worker tokenizes
+// (version 1 had a separate tokenize round trip).
 const Version = 3
 
 // Message types (the "t" key).
@@ -64,6 +65,8 @@ type Message struct {
 	EOS      []int32           `msgpack:"eos,omitempty"`
 	Caps     []string          `msgpack:"caps,omitempty"`
 	Versions map[string]string `msgpack:"versions,omitempty"`
+	// CacheBytes is the worker's prompt cache budget in bytes (0: off).
+	CacheBytes int64 `msgpack:"cache_bytes,omitempty"`
 
 	ID  uint64 `msgpack:"id,omitempty"`
 	Seq uint64 `msgpack:"seq,omitempty"`
@@ -119,6 +122,7 @@ type Message struct {
 	Reason string `msgpack:"reason,omitempty"`
 	PToks  int    `msgpack:"ptoks,omitempty"`
 	CToks  int    `msgpack:"ctoks,omitempty"`
+	Cached int    `msgpack:"cached,omitempty"` // of ptoks, taken from the prompt cache
 
 	// tok: tool calls completed since the last event (gen with tools)
 	Calls []ToolCall `msgpack:"calls,omitempty"`
@@ -132,6 +136,8 @@ type Message struct {
 	MemActive int64 `msgpack:"mem_active,omitempty"`
 	MemPeak   int64 `msgpack:"mem_peak,omitempty"`
 	RSS       int64 `msgpack:"rss,omitempty"`
+	Cache     int64 `msgpack:"cache,omitempty"`   // bytes the prompt cache holds
+	Evicted   int64 `msgpack:"evicted,omitempty"` // prompt cache entries evicted since the worker started
 }
 
 // Encode returns the msgpack body of m (no length prefix).

@@ -22,8 +22,9 @@ func canonical() []struct {
 		Msg  Message
 	}{
 		{"hello", Message{T: THello, V: 3, PID: 4242, Model: "/models/smollm2", Ctx: 8192, Vocab: 49152,
-			EOS: []int32{2}, Caps: []string{"resume", "stop", "penalties", "logit_bias", "seed"},
-			Versions: map[string]string{"krserve_worker": "0.1.0", "mlx": "0.32.4", "mlx_lm": "0.32.2", "python": "3.11.7"}}},
+			EOS: []int32{2}, Caps: []string{"resume", "stop", "penalties", "logit_bias", "seed", "prompt_cache"},
+			Versions:   map[string]string{"krserve_worker": "0.1.0", "mlx": "0.32.4", "mlx_lm": "0.32.2", "python": "3.11.7"},
+			CacheBytes: 3 << 30}},
 		{"gen", Message{T: TGen, ID: 7, Prompt: []int32{1, 9690, 198, 300, 70000}, MaxTokens: 64, Temperature: 0.7,
 			TopP: 0.95, TopK: 40, MinP: 0.05, Seed: 1234, HasSeed: true, RepetitionPenalty: 1.1, PresencePenalty: 0.5,
 			FrequencyPenalty: 0.25, LogitBias: map[int32]float64{2: -100, 17: 1.5}, Stop: []string{"\n\n", "User:"}}},
@@ -52,10 +53,12 @@ func canonical() []struct {
 		{"tok_held", Message{T: TTok, ID: 7, IDs: []int32{216}}},
 		{"tok_calls", Message{T: TTok, ID: 15, IDs: []int32{29}, Calls: []ToolCall{{Name: "get_weather", Arguments: `{"city":"Paris"}`}}}},
 		{"done", Message{T: TDone, ID: 7, Reason: "stop", PToks: 5, CToks: 12, Text: "tail"}},
+		{"done_cached", Message{T: TDone, ID: 14, Reason: "stop", PToks: 1500, CToks: 40, Cached: 1399}},
 		{"done_length", Message{T: TDone, ID: 8, Reason: "length", PToks: 5, CToks: 10}},
 		{"error", Message{T: TError, ID: 7, Code: "invalid", Msg: "top_p must be in [0, 1]"}},
 		{"error_fatal", Message{T: TError, Code: "internal", Msg: "model failed to load"}},
-		{"pong", Message{T: TPong, Seq: 3, Active: 4, MemActive: 123456789, MemPeak: 5000000000, RSS: 300000000}},
+		{"pong", Message{T: TPong, Seq: 3, Active: 4, MemActive: 123456789, MemPeak: 5000000000, RSS: 300000000,
+			Cache: 1 << 31, Evicted: 17}},
 	}
 }
 

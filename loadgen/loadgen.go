@@ -87,6 +87,7 @@ type Record struct {
 	E2EMS        float64   `json:"e2e_ms"`
 	Tokens       int       `json:"tokens"`
 	PromptTokens int       `json:"prompt_tokens,omitempty"`
+	CachedTokens int       `json:"cached_tokens,omitempty"` // usage.prompt_tokens_details.cached_tokens
 	TokensSource string    `json:"tokens_source,omitempty"` // "usage" or "chunks"
 	Chunks       int       `json:"chunks"`                  // content chunks
 	TokPerS      float64   `json:"tok_per_s"`
@@ -219,7 +220,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		go func() {
 			defer wg.Done()
 			for i := range jobs {
-				rec := doRequest(ctx, client, endpoint, &cfg, i, start, prog)
+				rec := doRequest(ctx, client, endpoint, &cfg, i, start, prog, nil)
 				res.Records[i] = rec
 				end := int64((rec.StartMS + rec.E2EMS) * 1e6)
 				for {
@@ -329,16 +330,25 @@ func endpointURL(base string, chat bool) string {
 }
 
 func requestBody(cfg *Config, prompt string) ([]byte, error) {
+	if cfg.Chat {
+		return chatBody(cfg, []map[string]string{{"role": "user", "content": prompt}})
+	}
+	return chatBody(cfg, nil, prompt)
+}
+
+// chatBody is the request body for chat messages, or (prompt given) a
+// completion prompt.
+func chatBody(cfg *Config, msgs []map[string]string, prompt ...string) ([]byte, error) {
 	body := map[string]any{
 		"model":          cfg.Model,
 		"stream":         true,
 		"stream_options": map[string]any{"include_usage": true},
 		"temperature":    cfg.Temperature,
 	}
-	if cfg.Chat {
-		body["messages"] = []map[string]string{{"role": "user", "content": prompt}}
+	if len(prompt) > 0 {
+		body["prompt"] = prompt[0]
 	} else {
-		body["prompt"] = prompt
+		body["messages"] = msgs
 	}
 	if cfg.MaxTokens > 0 {
 		body["max_tokens"] = cfg.MaxTokens
@@ -366,8 +376,11 @@ type streamChunk struct {
 		FinishReason *string `json:"finish_reason"`
 	} `json:"choices"`
 	Usage *struct {
-		PromptTokens     int `json:"prompt_tokens"`
-		CompletionTokens int `json:"completion_tokens"`
+		PromptTokens        int `json:"prompt_tokens"`
+		CompletionTokens    int `json:"completion_tokens"`
+		PromptTokensDetails *struct {
+			CachedTokens int `json:"cached_tokens"`
+		} `json:"prompt_tokens_details"`
 	} `json:"usage"`
 	Error json.RawMessage `json:"error"`
 }
@@ -389,10 +402,19 @@ func (c *streamChunk) hasContent() bool {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-func doRequest(runCtx context.Context, client *http.Client, endpoint string, cfg *Config, i int, runStart time.Time, prog *progress) (rec Record) {
+// doRequest sends request i (body: from cfg.Prompts when nil) and measures
+// it; with text, the streamed content is also collected there.
+func doRequest(runCtx context.Context, client *http.Client, endpoint string, cfg *Config, i int, runStart time.Time, prog *progress,
+	msgs []map[string]string, text ...*strings.Builder) (rec Record) {
 	pi := i % len(cfg.Prompts)
 	rec = Record{Index: i, Prompt: pi}
-	body, err := requestBody(cfg, cfg.Prompts[pi])
+	var body []byte
+	var err error
+	if msgs != nil {
+		body, err = chatBody(cfg, msgs)
+	} else {
+		body, err = requestBody(cfg, cfg.Prompts[pi])
+	}
 	if err != nil {
 		rec.fail("other", err, runCtx)
 		return rec
@@ -468,6 +490,13 @@ func doRequest(runCtx context.Context, client *http.Client, endpoint string, cfg
 			break
 		}
 		if c.hasContent() {
+			for _, t := range text {
+				for _, ch := range c.Choices {
+					if ch.Delta.Content != nil {
+						t.WriteString(*ch.Delta.Content)
+					}
+				}
+			}
 			if rec.Chunks == 0 {
 				rec.TTFTMS = ms(now.Sub(t0))
 			} else {
@@ -485,6 +514,9 @@ func doRequest(runCtx context.Context, client *http.Client, endpoint string, cfg
 		if c.Usage != nil {
 			usageTokens = c.Usage.CompletionTokens
 			rec.PromptTokens = c.Usage.PromptTokens
+			if d := c.Usage.PromptTokensDetails; d != nil {
+				rec.CachedTokens = d.CachedTokens
+			}
 		}
 		if cfg.onEvent != nil {
 			cfg.onEvent(i)

@@ -143,6 +143,11 @@ type Metrics struct {
 	RequestPromptTokens     prometheus.Histogram
 	RequestGenerationTokens prometheus.Histogram
 
+	PrefixCacheQueries   prometheus.Counter
+	PrefixCacheHits      prometheus.Counter
+	PrefixCacheEvictions prometheus.Counter
+	PromptCacheBytes     *prometheus.GaugeVec // worker
+
 	BatchSize           *prometheus.GaugeVec // worker
 	BatchTargetSize     prometheus.Gauge
 	BatchWindowWait     prometheus.Histogram
@@ -275,6 +280,16 @@ func newOn(registry *prometheus.Registry, model ModelInfo, build BuildInfo) *Met
 		"Prompt length of finished requests, in tokens.", tokenBuckets(model.ContextLength))
 	m.RequestGenerationTokens = histogram("request_generation_tokens",
 		"Generated length of finished requests, in tokens.", tokenBuckets(model.ContextLength))
+
+	// Prompt cache (vLLM's prefix cache names).
+	m.PrefixCacheQueries = counter("prefix_cache_queries_total",
+		"Prompt tokens the workers looked up in their prompt caches (every prefilled token of every request, resumed tokens included).")
+	m.PrefixCacheHits = counter("prefix_cache_hits_total",
+		"Prompt tokens the workers took from their prompt caches instead of prefilling them.")
+	m.PrefixCacheEvictions = counter("prefix_cache_evictions_total",
+		"Entries the workers' prompt caches evicted to stay within their byte budget.")
+	m.PromptCacheBytes = gaugeVec("prompt_cache_bytes",
+		"Bytes of KV state a worker's prompt cache holds (from its last heartbeat).", "worker")
 
 	// Batching and the autotuner.
 	m.BatchSize = gaugeVec("batch_size",

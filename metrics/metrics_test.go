@@ -35,6 +35,10 @@ var wantFamilies = map[string]dto.MetricType{
 	"krserve_generation_tokens_total":       dto.MetricType_COUNTER,
 	"krserve_request_prompt_tokens":         dto.MetricType_HISTOGRAM,
 	"krserve_request_generation_tokens":     dto.MetricType_HISTOGRAM,
+	"krserve_prefix_cache_queries_total":    dto.MetricType_COUNTER,
+	"krserve_prefix_cache_hits_total":       dto.MetricType_COUNTER,
+	"krserve_prefix_cache_evictions_total":  dto.MetricType_COUNTER,
+	"krserve_prompt_cache_bytes":            dto.MetricType_GAUGE,
 	"krserve_batch_size":                    dto.MetricType_GAUGE,
 	"krserve_batch_target_size":             dto.MetricType_GAUGE,
 	"krserve_batch_window_wait_seconds":     dto.MetricType_HISTOGRAM,
@@ -66,6 +70,7 @@ func touch(m *Metrics) {
 	m.BatchSize.WithLabelValues("0").Set(3)
 	m.WorkerUp.WithLabelValues("0").Set(1)
 	m.WorkerMemory.WithLabelValues("0", "rss").Set(1 << 30)
+	m.PromptCacheBytes.WithLabelValues("0").Set(1 << 20)
 	m.WorkerExits.WithLabelValues("SIGSEGV", "").Inc()
 	m.TTFT.Observe(0.0123)
 	m.GenerationTokens.Add(5)

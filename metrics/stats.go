@@ -46,6 +46,9 @@ type Stats struct {
 	batches      sampleRing // sizes
 	batchCurrent int
 	batchDist    map[int]int64
+
+	cacheQueries int64 // prompt tokens looked up in the workers' prompt caches
+	cacheHits    int64 // of which found
 }
 
 type rateSlot struct {
@@ -124,6 +127,19 @@ func (s *Stats) ObserveRequest(e2e, ttft time.Duration, completionTokens int) {
 	}
 }
 
+// ObservePrefixCache records one request's prompt cache lookup on a worker:
+// queried prompt tokens and how many of them were found. Negative values are
+// ignored.
+func (s *Stats) ObservePrefixCache(queried, hits int) {
+	if queried < 0 || hits < 0 {
+		return
+	}
+	s.mu.Lock()
+	s.cacheQueries += int64(queried)
+	s.cacheHits += int64(hits)
+	s.mu.Unlock()
+}
+
 // ObserveBatch records the batch size in effect when a dispatch happens.
 // Sizes below 1 are ignored.
 func (s *Stats) ObserveBatch(size int) {
@@ -177,18 +193,27 @@ type BatchStats struct {
 	Distribution map[int]int64 `json:"distribution"`
 }
 
+// PrefixCacheStats count prompt tokens since start: looked up in the
+// workers' prompt caches, found there, and the ratio (0 before any lookup).
+type PrefixCacheStats struct {
+	QueriedTokens int64   `json:"queried_tokens"`
+	HitTokens     int64   `json:"hit_tokens"`
+	HitRate       float64 `json:"hit_rate"`
+}
+
 // StatsSnapshot is the /stats document. It is a superset of kr-serve-mlx's
 // (whose uptime key is kept as Uptime); queue and worker sections are added
 // by the supervisor, which embeds this struct in its own.
 type StatsSnapshot struct {
-	Latency       LatencySummary  `json:"latency"` // end-to-end
-	TTFT          LatencySummary  `json:"ttft"`
-	TPOT          LatencySummary  `json:"tpot"` // per output token after the first
-	Throughput    ThroughputStats `json:"throughput"`
-	Batch         BatchStats      `json:"batch"`
-	UptimeSeconds float64         `json:"uptime_seconds"`
-	Uptime        float64         `json:"uptime"`    // same value; kr-serve-mlx's name
-	Timestamp     float64         `json:"timestamp"` // Unix seconds
+	Latency       LatencySummary   `json:"latency"` // end-to-end
+	TTFT          LatencySummary   `json:"ttft"`
+	TPOT          LatencySummary   `json:"tpot"` // per output token after the first
+	Throughput    ThroughputStats  `json:"throughput"`
+	Batch         BatchStats       `json:"batch"`
+	PrefixCache   PrefixCacheStats `json:"prefix_cache"`
+	UptimeSeconds float64          `json:"uptime_seconds"`
+	Uptime        float64          `json:"uptime"`    // same value; kr-serve-mlx's name
+	Timestamp     float64          `json:"timestamp"` // Unix seconds
 }
 
 // Snapshot returns the current statistics. Values are rounded to 3 decimals.
@@ -209,6 +234,10 @@ func (s *Stats) Snapshot() StatsSnapshot {
 	tpot := s.tpot.values()
 	batches := s.batches.values()
 	snap.Batch.Current = s.batchCurrent
+	snap.PrefixCache = PrefixCacheStats{QueriedTokens: s.cacheQueries, HitTokens: s.cacheHits}
+	if s.cacheQueries > 0 {
+		snap.PrefixCache.HitRate = round3(float64(s.cacheHits) / float64(s.cacheQueries))
+	}
 	snap.Batch.Distribution = make(map[int]int64, len(s.batchDist))
 	for k, v := range s.batchDist {
 		snap.Batch.Distribution[k] = v

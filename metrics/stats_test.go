@@ -240,6 +240,19 @@ func TestBatchStats(t *testing.T) {
 	}
 }
 
+func TestPrefixCacheStats(t *testing.T) {
+	s := NewStats(newFakeClock().Now)
+	if pc := s.Snapshot().PrefixCache; pc != (PrefixCacheStats{}) {
+		t.Errorf("empty recorder: %+v", pc)
+	}
+	s.ObservePrefixCache(100, 0)
+	s.ObservePrefixCache(200, 150)
+	s.ObservePrefixCache(-1, 5) // ignored
+	if pc, want := s.Snapshot().PrefixCache, (PrefixCacheStats{QueriedTokens: 300, HitTokens: 150, HitRate: 0.5}); pc != want {
+		t.Errorf("prefix cache %+v, want %+v", pc, want)
+	}
+}
+
 func TestSnapshotJSON(t *testing.T) {
 	c := newFakeClock()
 	s := NewStats(c.Now)
@@ -260,7 +273,7 @@ func TestSnapshotJSON(t *testing.T) {
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"latency", "ttft", "tpot", "throughput", "batch", "uptime_seconds", "uptime", "timestamp"} {
+	for _, k := range []string{"latency", "ttft", "tpot", "throughput", "batch", "prefix_cache", "uptime_seconds", "uptime", "timestamp"} {
 		if _, ok := doc[k]; !ok {
 			t.Errorf("key %q missing: %s", k, raw)
 		}

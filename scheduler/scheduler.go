@@ -352,10 +352,14 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 			s.onTokensLocked(r, m.IDs, m.Text, nil, m.Calls, now)
 		}
 		r.ptoks = m.PToks
+		r.cached = m.Cached
+		s.m.PrefixCacheQueries.Add(float64(m.PToks))
+		s.m.PrefixCacheHits.Add(float64(m.Cached))
+		s.st.ObservePrefixCache(m.PToks, m.Cached)
 		if r.Prompt == nil { // prefilled: the prompt, then what earlier workers generated
 			r.promptToks = max(0, m.PToks-(len(r.generated)-r.dispatchToks))
 		}
-		s.rememberLocked(sl, r, -1)
+		s.rememberLocked(sl, r, m.Cached)
 		// Tokens the worker generated but did not send (the EOS token) still
 		// count as completion tokens, as in mlx-lm and vLLM.
 		r.unsent = max(0, m.CToks-r.dispatchToks)
@@ -390,7 +394,8 @@ func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
 	r.finished = true
 	s.m.RequestSuccess.WithLabelValues(reason).Inc()
 	s.observeDoneLocked(r, now)
-	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: r.promptTokens(), CompletionTokens: len(r.generated) + r.unsent})
+	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: r.promptTokens(), CachedTokens: r.cachedTokens(),
+		CompletionTokens: len(r.generated) + r.unsent})
 	s.checkIdleLocked()
 }
 

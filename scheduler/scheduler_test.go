@@ -910,7 +910,10 @@ func TestResumedStreamHasNoDuplicates(t *testing.T) {
 				h.tok(p.worker, r, text, ids...)
 			}
 			if p.finish {
-				h.deliver(p.worker, &ipc.Message{T: ipc.TDone, ID: r.ID, Reason: "length", PToks: 5 + len(gens[0].Resume), CToks: 3})
+				// The last worker found all but one of prompt + resume in its
+				// prompt cache: the client is told the whole prompt was cached.
+				h.deliver(p.worker, &ipc.Message{T: ipc.TDone, ID: r.ID, Reason: "length", PToks: 5 + len(gens[0].Resume), CToks: 3,
+					Cached: 4 + len(gens[0].Resume)})
 			} else {
 				h.crash(p.worker)
 			}
@@ -925,8 +928,11 @@ func TestResumedStreamHasNoDuplicates(t *testing.T) {
 		}
 		last := evs[len(evs)-1]
 		if tokens != len(simTokens) || !last.Done || last.Err != nil || last.FinishReason != "length" ||
-			last.CompletionTokens != len(simTokens) || last.PromptTokens != 5 {
+			last.CompletionTokens != len(simTokens) || last.PromptTokens != 5 || last.CachedTokens != 5 {
 			t.Errorf("tokens %d, last event %+v", tokens, last)
+		}
+		if q, hits := counter(t, h.m.PrefixCacheQueries), counter(t, h.m.PrefixCacheHits); q != 12 || hits != 11 {
+			t.Errorf("prefix cache queries %v hits %v, want 12 and 11", q, hits)
 		}
 		if g := h.workers[3].gens()[0]; g.MaxTokens != 3 || g.Sent != len("Hello café naï") || len(g.Resume) != 7 {
 			t.Errorf("third gen: max_tokens %d sent %d resume %v", g.MaxTokens, g.Sent, g.Resume)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate a tiny random-weight llama model directory for tests, fully offline.
 
-    python scripts/make_tiny_model.py OUTDIR [--seed 0]
+    python scripts/make_tiny_model.py OUTDIR [--seed 0] [--arch llama|mamba]
 
 The directory holds config.json, model.safetensors (float32, random weights from
 ``mx.random.seed(seed)``), and a byte-level BPE tokenizer trained with
@@ -9,7 +9,9 @@ The directory holds config.json, model.safetensors (float32, random weights from
 chat_template.jinja). Special tokens: ``<|endoftext|>`` (0, also BOS),
 ``<|im_start|>`` (1), ``<|im_end|>`` (2, EOS). ``config.json`` has
 ``vocab_size`` equal to the tokenizer size (contiguous ids) and ``eos_token_id``.
-Same seed, same files. It loads with ``mlx_lm.load(OUTDIR)``.
+Same seed, same files. It loads with ``mlx_lm.load(OUTDIR)``. ``--arch mamba``
+makes a state-space model instead (its cache, ``ArraysCache``, cannot be trimmed:
+the prompt cache tests use it).
 """
 
 import argparse
@@ -92,6 +94,7 @@ def main(argv=None):
     ap.add_argument("outdir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=512, help="target BPE vocab size")
+    ap.add_argument("--arch", choices=("llama", "mamba"), default="llama")
     args = ap.parse_args(argv)
 
     import mlx.core as mx
@@ -144,8 +147,32 @@ def main(argv=None):
         "eos_token_id": ids["<|im_end|>"],
         "torch_dtype": "float32",
     }
-    mx.random.seed(args.seed)
-    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    if args.arch == "mamba":
+        from mlx_lm.models import mamba
+
+        cfg = {
+            "model_type": "mamba",
+            "architectures": ["MambaForCausalLM"],
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "state_size": 8,
+            "num_hidden_layers": 2,
+            "conv_kernel": 4,
+            "use_bias": False,
+            "use_conv_bias": True,
+            "time_step_rank": 8,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 2048,
+            "vocab_size": n_vocab,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "torch_dtype": "float32",
+        }
+        mx.random.seed(args.seed)
+        model = mamba.Model(mamba.ModelArgs.from_dict(cfg))
+    else:
+        mx.random.seed(args.seed)
+        model = llama.Model(llama.ModelArgs.from_dict(cfg))
     params = dict(tree_flatten(model.parameters()))
     # Untied lm_head: with tied embeddings a random model just repeats its last
     # token, which makes stop-string and resume tests meaningless.

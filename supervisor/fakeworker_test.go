@@ -30,7 +30,8 @@ package supervisor
 //	close-stdin        hello, closes stdin, pong (seq 1), exits with code 5 after delay (default 1 s)
 //
 // Options: k, sig (SEGV, ABRT, KILL, BUS), code, delay, tokdelay (between
-// tokens), on (ping or gen: what triggers a garbage mode), rss (pong rss).
+// tokens), on (ping or gen: what triggers a garbage mode), rss (pong rss),
+// cache (pong cache), evict (pong evicted grows by this much a ping).
 //
 // The gen stream is deterministic: token i of a request with prompt p has id
 // p[0]+i and text "t<i> ". A gen with text or messages instead of prompt ids
@@ -308,7 +309,8 @@ func runFake(spec string) int {
 			f.mu.Lock()
 			active := len(f.cancels)
 			f.mu.Unlock()
-			f.send(&ipc.Message{T: ipc.TPong, Seq: m.Seq, Active: active, RSS: int64(f.optInt("rss", 1<<20))})
+			f.send(&ipc.Message{T: ipc.TPong, Seq: m.Seq, Active: active, RSS: int64(f.optInt("rss", 1<<20)),
+				Cache: int64(f.optInt("cache", 0)), Evicted: int64(m.Seq) * int64(f.optInt("evict", 0))})
 		case ipc.TCancel:
 			f.mu.Lock()
 			if c, ok := f.cancels[m.ID]; ok {

@@ -72,6 +72,8 @@ type Hello struct {
 	EOS      []int32           `json:"eos"`
 	Caps     []string          `json:"caps"`
 	Versions map[string]string `json:"versions"`
+	// CacheBytes is the worker's prompt cache budget (0: off).
+	CacheBytes int64 `json:"prompt_cache_budget_bytes"`
 }
 
 // ExitRecord is a worker's last exit, for /stats.
@@ -86,22 +88,25 @@ type ExitRecord struct {
 
 // SlotStatus is a snapshot of one slot.
 type SlotStatus struct {
-	Slot       int         `json:"slot"`
-	State      string      `json:"state"`
-	PID        int         `json:"pid,omitempty"`
-	UptimeS    float64     `json:"uptime_seconds"`
-	Starts     int         `json:"starts"`
-	Restarts   int         `json:"restarts"`
-	Served     int         `json:"requests_served"`
-	Inflight   int         `json:"requests_in_flight"`
-	LastPongMS float64     `json:"last_heartbeat_ms_ago,omitempty"`
-	RSS        int64       `json:"rss_bytes,omitempty"`
-	MLXActive  int64       `json:"mlx_active_bytes,omitempty"`
-	MLXPeak    int64       `json:"mlx_peak_bytes,omitempty"`
-	Score      float64     `json:"failure_score"`
-	Failure    string      `json:"failure,omitempty"`
-	LastExit   *ExitRecord `json:"last_exit,omitempty"`
-	Healthy    bool        `json:"healthy"`
+	Slot       int     `json:"slot"`
+	State      string  `json:"state"`
+	PID        int     `json:"pid,omitempty"`
+	UptimeS    float64 `json:"uptime_seconds"`
+	Starts     int     `json:"starts"`
+	Restarts   int     `json:"restarts"`
+	Served     int     `json:"requests_served"`
+	Inflight   int     `json:"requests_in_flight"`
+	LastPongMS float64 `json:"last_heartbeat_ms_ago,omitempty"`
+	RSS        int64   `json:"rss_bytes,omitempty"`
+	MLXActive  int64   `json:"mlx_active_bytes,omitempty"`
+	MLXPeak    int64   `json:"mlx_peak_bytes,omitempty"`
+	// The worker's prompt cache: bytes held and entries evicted (this process).
+	CacheBytes     int64       `json:"prompt_cache_bytes"`
+	CacheEvictions int64       `json:"prompt_cache_evictions"`
+	Score          float64     `json:"failure_score"`
+	Failure        string      `json:"failure,omitempty"`
+	LastExit       *ExitRecord `json:"last_exit,omitempty"`
+	Healthy        bool        `json:"healthy"`
 }
 
 type slotState struct {
@@ -300,10 +305,11 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 			s.mu.Lock()
 			sent := s.lastPong
 			s.lastPong = p.now()
+			evicted := m.Evicted - s.pong.Evicted // the worker's counter since its last pong
 			s.pong = *m
 			s.mu.Unlock()
 			_ = sent
-			p.onPong(s, m)
+			p.onPong(s, m, evicted)
 			return nil
 		case ipc.TError:
 			if m.ID == 0 {
@@ -329,13 +335,15 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 	s.proc = proc
 	s.started = t0
 	s.starts++
+	s.pong = ipc.Message{} // the last process's counters are not this one's
 	s.mu.Unlock()
 	timer := time.NewTimer(p.cfg.StartTimeout)
 	defer timer.Stop()
 	select {
 	case m := <-helloCh:
 		p.m.WorkerStartDuration.Observe(time.Since(t0).Seconds())
-		h := &Hello{Model: m.Model, Context: m.Ctx, Vocab: m.Vocab, EOS: m.EOS, Caps: m.Caps, Versions: m.Versions}
+		h := &Hello{Model: m.Model, Context: m.Ctx, Vocab: m.Vocab, EOS: m.EOS, Caps: m.Caps, Versions: m.Versions,
+			CacheBytes: m.CacheBytes}
 		p.helloMu.Lock()
 		if p.hello == nil {
 			p.hello = h
@@ -345,7 +353,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		s.mu.Lock()
 		s.lastPong = p.now()
 		s.mu.Unlock()
-		log.Info("worker ready", "pid", proc.PID, "model", m.Model, "load_seconds", time.Since(t0).Seconds(), "context_length", m.Ctx, "versions", m.Versions)
+		log.Info("worker ready", "pid", proc.PID, "model", m.Model, "load_seconds", time.Since(t0).Seconds(), "context_length", m.Ctx, "versions", m.Versions, "prompt_cache_bytes", m.CacheBytes)
 		return proc, nil
 	case <-proc.Done():
 		e := proc.Exit()
@@ -363,8 +371,12 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 	}
 }
 
-func (p *Pool) onPong(s *slotState, m *ipc.Message) {
+func (p *Pool) onPong(s *slotState, m *ipc.Message, evicted int64) {
 	w := strconv.Itoa(s.id)
+	p.m.PromptCacheBytes.WithLabelValues(w).Set(float64(m.Cache))
+	if evicted > 0 {
+		p.m.PrefixCacheEvictions.Add(float64(evicted))
+	}
 	p.m.WorkerMemory.WithLabelValues(w, "rss").Set(float64(m.RSS))
 	p.m.WorkerMemory.WithLabelValues(w, "mlx_active").Set(float64(m.MemActive))
 	p.m.WorkerMemory.WithLabelValues(w, "mlx_peak").Set(float64(m.MemPeak))
@@ -478,6 +490,7 @@ func (p *Pool) Status() []SlotStatus {
 				st.LastPongMS = float64(now.Sub(s.lastPong).Microseconds()) / 1000
 			}
 			st.RSS, st.MLXActive, st.MLXPeak = s.pong.RSS, s.pong.MemActive, s.pong.MemPeak
+			st.CacheBytes, st.CacheEvictions = s.pong.Cache, s.pong.Evicted
 		}
 		_, _, progress := p.router.WorkerLoad(s.id)
 		stalled := inflight > 0 && p.cfg.ProgressTimeout > 0 && now.Sub(progress) > p.cfg.ProgressTimeout

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/krserve/krserve/ipc"
 	"github.com/krserve/krserve/scheduler"
 )
@@ -571,4 +574,44 @@ func TestSchedulerRecycleLosesNoRequest(t *testing.T) {
 	if pl.count(0)+pl.count(1) < 3 {
 		t.Fatalf("starts %d+%d", pl.count(0), pl.count(1))
 	}
+}
+
+// Pongs set the prompt cache gauge, and the eviction counter adds what the
+// worker's own counter grew by; a new process starts from its own count.
+func TestPoolPromptCacheMetrics(t *testing.T) {
+	pl := newPlan(t, "ok,cache=5000,evict=3,rss=3000000", "ok,cache=7000,evict=2,rss=1000")
+	cfg := testConfig(pl)
+	cfg.RecycleRSS = 2 << 20 // the first process is recycled at its first pong
+	r := newFakeRouter()
+	p := newTestPool(t, cfg, r)
+	stop := runPool(t, p)
+	r.waitCount(t, "add", 2)
+	eventually(t, "pongs of the second process", func() bool { return slot0(p).CacheEvictions >= 4 })
+	stop() // no more pongs: the values below are final
+	s := p.slots[0]
+	s.mu.Lock()
+	last := s.pong
+	s.mu.Unlock()
+	gauge := metricValue(t, p.m.PromptCacheBytes.WithLabelValues("0"))
+	evicted := metricValue(t, p.m.PrefixCacheEvictions)
+	if last.Cache != 7000 || gauge != 7000 {
+		t.Errorf("cache bytes: last pong %d, gauge %v; want 7000", last.Cache, gauge)
+	}
+	// The first process's pongs added 3 each; the second's counter starts
+	// again at its own first pong, without subtracting the first's.
+	if rest := evicted - float64(last.Evicted); rest < 3 || int(rest)%3 != 0 {
+		t.Errorf("evictions counter %v with the second process at %d: the first contributed %v", evicted, last.Evicted, rest)
+	}
+}
+
+func metricValue(t *testing.T, c prometheus.Metric) float64 {
+	t.Helper()
+	var d dto.Metric
+	if err := c.Write(&d); err != nil {
+		t.Fatal(err)
+	}
+	if d.Counter != nil {
+		return d.Counter.GetValue()
+	}
+	return d.Gauge.GetValue()
 }

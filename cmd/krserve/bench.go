@@ -19,6 +19,9 @@ import (
 
 type benchFlags struct {
 	url, model, questions, jsonOut, compare, from, name string
+	scenario                                            string
+	conversations, turns, systemWords, prefixWords      int
+	userWords                                           int
 	concurrency, requests, maxTokens, seed, warmup      int
 	temperature                                         float64
 	completions, ignoreEOS, noProgress                  bool
@@ -44,8 +47,17 @@ seeded requests).
 
 --json writes the run (the schema of scripts/bench/inprocess.py); --compare
 prints it side by side with a saved run, speedup and overhead per row; --from
-loads a saved run instead of sending load (e.g. to compare two files).`,
-		Example: `  krserve bench --url http://127.0.0.1:8080 --concurrency 1 --requests 50 --max-tokens 50 \
+loads a saved run instead of sending load (e.g. to compare two files).
+
+--scenario multi-turn runs chat conversations instead (a prompt cache's case):
+--conversations conversations of --turns turns, generated offline from --seed
+(default 0): a shared system prompt of --system-words words, a per-conversation
+prefix of --prefix-words words in the first message, user turns of --user-words
+words, each model reply fed back into the next turn; --concurrency conversations
+at once. It prints TTFT P50/P90, prompt tokens and cached tokens
+(usage.prompt_tokens_details.cached_tokens) per turn number.`,
+		Example: `  krserve bench --scenario multi-turn --conversations 8 --turns 4 --concurrency 4 --max-tokens 48
+  krserve bench --url http://127.0.0.1:8080 --concurrency 1 --requests 50 --max-tokens 50 \
       --questions scripts/bench/questions.txt --json out/krserve.json --compare out/inprocess.json
   krserve bench --from out/krserve.json --compare out/inprocess.json`,
 		Args: cobra.NoArgs,
@@ -72,6 +84,12 @@ loads a saved run instead of sending load (e.g. to compare two files).`,
 	f.DurationVar(&b.timeout, "timeout", 5*time.Minute, "per-request timeout (0 = none)")
 	f.IntVar(&b.warmup, "warmup", 1, "unrecorded sequential requests sent first")
 	f.BoolVar(&b.noProgress, "no-progress", false, "do not draw the progress line on stderr")
+	f.StringVar(&b.scenario, "scenario", "questions", "questions (single-turn questions from --questions) or multi-turn (generated conversations)")
+	f.IntVar(&b.conversations, "conversations", 32, "multi-turn: conversations")
+	f.IntVar(&b.turns, "turns", 8, "multi-turn: turns per conversation")
+	f.IntVar(&b.systemWords, "system-words", 750, "multi-turn: words of the shared system prompt (~1,000 tokens)")
+	f.IntVar(&b.prefixWords, "prefix-words", 200, "multi-turn: words of each conversation's own prefix")
+	f.IntVar(&b.userWords, "user-words", 75, "multi-turn: words per user turn (~100 tokens)")
 	return cmd
 }
 
@@ -105,6 +123,13 @@ func readQuestions(path string) ([]string, error) {
 func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io.Writer) error {
 	if ctx == nil {
 		ctx = context.Background()
+	}
+	switch b.scenario {
+	case "questions":
+	case "multi-turn":
+		return runMultiTurn(ctx, b, stdout, stderr)
+	default:
+		return fmt.Errorf("bench: --scenario must be questions or multi-turn; got %q", b.scenario)
 	}
 	var res *loadgen.Result
 	var runErr error // set when the run was interrupted
@@ -188,6 +213,41 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 	}
 	if b.from == "" && res.Completed == 0 && len(res.Records) > 0 {
 		return fmt.Errorf("bench: all %d requests failed; first error: %s", len(res.Records), res.Records[0].Error)
+	}
+	return nil
+}
+
+func runMultiTurn(ctx context.Context, b benchFlags, stdout, stderr io.Writer) error {
+	if b.from != "" || b.compare != "" {
+		return errors.New("bench: --from and --compare are for the questions scenario")
+	}
+	if b.conversations < 1 || b.turns < 1 || b.concurrency < 1 || b.maxTokens < 1 || b.userWords < 1 || b.systemWords < 0 || b.prefixWords < 0 {
+		return errors.New("bench: --conversations, --turns, --concurrency, --max-tokens and --user-words must be >= 1")
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cfg := loadgen.MultiTurnConfig{
+		Config: loadgen.Config{URL: b.url, Model: b.model, Concurrency: b.concurrency, MaxTokens: b.maxTokens,
+			Temperature: b.temperature, Timeout: b.timeout, IgnoreEOS: b.ignoreEOS},
+		Conversations: b.conversations, Turns: b.turns, SystemWords: b.systemWords, PrefixWords: b.prefixWords,
+		UserWords: b.userWords, Seed: uint64(b.seed),
+	}
+	if !b.noProgress {
+		cfg.Progress = stderr
+	}
+	res, err := loadgen.RunMultiTurn(ctx, cfg)
+	if res == nil {
+		return fmt.Errorf("bench: %w", err)
+	}
+	res.Name = b.name
+	res.WriteTable(stdout)
+	if b.jsonOut != "" {
+		if werr := res.WriteJSON(b.jsonOut); werr != nil {
+			return fmt.Errorf("bench: --json: %w", werr)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("bench: interrupted: %w", err)
 	}
 	return nil
 }

@@ -128,6 +128,7 @@ func TestUpRefusesBadSettings(t *testing.T) {
 		{[]string{"--routing", "random"}, "--routing"},
 		{[]string{"--dequantize", "yes"}, "--dequantize"},
 		{[]string{"--drain-delay", "-1s"}, "--drain-delay"},
+		{[]string{"--prompt-cache-bytes", "-2"}, "--prompt-cache-bytes"},
 		{[]string{"--auto-tune", "--auto-tune-min", "8", "--auto-tune-max", "4"}, "auto-tune bounds"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
@@ -141,5 +142,27 @@ func TestUpRefusesBadSettings(t *testing.T) {
 				t.Fatalf("got %v, want an error naming %s", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestPromptCacheBudget(t *testing.T) {
+	const gib = int64(1) << 30
+	for _, tc := range []struct {
+		flag, physical int64
+		workers        int
+		want           int64
+	}{
+		{-1, 16 * gib, 1, 2 * gib},  // an eighth of memory
+		{-1, 16 * gib, 4, gib / 2},  // split among the workers
+		{0, 16 * gib, 2, 0},         // off
+		{12345, 16 * gib, 2, 12345}, // as given, per worker
+		{-1, 0, 2, -1},              // memory unknown: the workers' own default
+	} {
+		if got := promptCacheBudget(tc.flag, tc.physical, tc.workers); got != tc.want {
+			t.Errorf("promptCacheBudget(%d, %d, %d) = %d, want %d", tc.flag, tc.physical, tc.workers, got, tc.want)
+		}
+	}
+	if physicalMemory() <= 0 {
+		t.Errorf("physicalMemory() = %d on this machine", physicalMemory())
 	}
 }

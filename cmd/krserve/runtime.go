@@ -85,6 +85,11 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 	scfg.MaxQueue, scfg.MaxQueueTokens, scfg.MaxCrashes, scfg.Tune = c.MaxQueue, c.MaxQueueTokens, c.MaxCrashes, tune
 	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
 	scfg.Routing.Policy = c.Routing
+	cacheBytes := promptCacheBudget(c.PromptCacheBytes, physicalMemory(), spec.Workers)
+	if cacheBytes == 0 {
+		scfg.Routing.Policy = scheduler.RoutingLeastLoaded // no cache to be near
+	}
+	log.Info("prompt cache", "bytes_per_worker", cacheBytes, "routing", scfg.Routing.Policy)
 	sched := scheduler.New(scfg, parts.m, parts.stats)
 
 	type startFailure struct {
@@ -108,6 +113,9 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 		args := []string{"-m", "krserve_worker", "--model", spec.Path,
 			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep),
 			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
+		if cacheBytes >= 0 {
+			args = append(args, "--prompt-cache-bytes", strconv.FormatInt(cacheBytes, 10))
+		}
 		if c.WorkerExec != "" {
 			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
 		}

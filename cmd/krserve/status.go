@@ -70,7 +70,12 @@ type statusDoc struct {
 			Tokens   map[string]float64 `json:"tokens_per_second"`
 			Requests map[string]float64 `json:"requests_per_second"`
 		} `json:"throughput"`
-		Batch map[string]any `json:"batch"`
+		Batch       map[string]any `json:"batch"`
+		PrefixCache struct {
+			Queried int64   `json:"queried_tokens"`
+			Hits    int64   `json:"hit_tokens"`
+			Rate    float64 `json:"hit_rate"`
+		} `json:"prefix_cache"`
 	} `json:"server"`
 	Scheduler struct {
 		QueueRequests int    `json:"queue_requests"`
@@ -99,6 +104,8 @@ type statusDoc struct {
 		Inflight int     `json:"requests_in_flight"`
 		Restarts int     `json:"restarts"`
 		RSS      int64   `json:"rss_bytes"`
+		Cache    int64   `json:"prompt_cache_bytes"`
+		Evicted  int64   `json:"prompt_cache_evictions"`
 		Healthy  bool    `json:"healthy"`
 		Failure  string  `json:"failure"`
 		LastExit *struct {
@@ -176,9 +183,11 @@ func printStatus(w io.Writer, body []byte) error {
 		}
 		return strings.Join(parts, "  ")
 	}
-	fmt.Fprintf(w, "tok/s    %s\nreq/s    %s\n\n", keys(d.Server.Throughput.Tokens), keys(d.Server.Throughput.Requests))
+	fmt.Fprintf(w, "tok/s    %s\nreq/s    %s\n", keys(d.Server.Throughput.Tokens), keys(d.Server.Throughput.Requests))
+	pc := d.Server.PrefixCache
+	fmt.Fprintf(w, "cache    %d of %d prompt tokens from the prompt cache (hit rate %.1f%%)\n\n", pc.Hits, pc.Queried, 100*pc.Rate)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKER\tSTATE\tPID\tUPTIME\tSERVED\tIN FLIGHT\tRESTARTS\tRSS\tLAST EXIT")
+	fmt.Fprintln(tw, "WORKER\tSTATE\tPID\tUPTIME\tSERVED\tIN FLIGHT\tRESTARTS\tRSS\tPROMPT CACHE\tLAST EXIT")
 	for _, wk := range d.Workers {
 		last := "-"
 		if wk.LastExit != nil {
@@ -195,8 +204,9 @@ func printStatus(w io.Writer, body []byte) error {
 		if wk.Failure != "" {
 			st += ": " + wk.Failure
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%d\t%d\t%d\t%.0f MiB\t%s\n", wk.Slot, st, wk.PID,
-			(time.Duration(wk.Uptime) * time.Second).String(), wk.Served, wk.Inflight, wk.Restarts, float64(wk.RSS)/(1<<20), last)
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%d\t%d\t%d\t%.0f MiB\t%.0f MiB (%d evicted)\t%s\n", wk.Slot, st, wk.PID,
+			(time.Duration(wk.Uptime) * time.Second).String(), wk.Served, wk.Inflight, wk.Restarts, float64(wk.RSS)/(1<<20),
+			float64(wk.Cache)/(1<<20), wk.Evicted, last)
 	}
 	return tw.Flush()
 }

@@ -64,16 +64,30 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "def add(a, b):", "1 2 3 4
 def test_greedy_one_at_a_time_equals_inprocess(server, inproc):
     model, tok = inproc
     bias = eos_bias(tok)
+    stored = []  # what the worker's prompt cache holds: each prompt + its output
     for p in PROMPTS:
         ids = tok.encode(p)
-        _, want = inproc_greedy(model, tok, ids, MAX_TOKENS, bias)
+        out, want = inproc_greedy(model, tok, ids, MAX_TOKENS, bias)
         status, body = server.post("/v1/completions", {"model": "default", "prompt": p, "max_tokens": MAX_TOKENS,
                                                        "temperature": 0, "logit_bias": bias})
         assert status == 200, body
         assert body["choices"][0]["text"] == want, p
         assert body["choices"][0]["finish_reason"] == "length"
+        # Only a shared start (BOS) can come from the cache; never the last token.
+        shared = max((_common_prefix(ids, s) for s in stored), default=0)
         assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": MAX_TOKENS,
-                                 "total_tokens": len(ids) + MAX_TOKENS}
+                                 "total_tokens": len(ids) + MAX_TOKENS,
+                                 "prompt_tokens_details": {"cached_tokens": min(shared, len(ids) - 1)}}
+        stored.append(list(ids) + out)
+
+
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def test_chat_equals_inprocess_chat_template(server, inproc):

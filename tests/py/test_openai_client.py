@@ -139,3 +139,39 @@ def test_greedy_stream_survives_worker_kill_on_default_model(server, client):
     assert killed
     assert text == want
     server.wait_ready(120)
+
+
+def test_multi_turn_reports_cached_tokens(server, client):
+    """Turn 2 of a conversation is mostly prefilled from the worker's prompt
+    cache, and usage says so (whole and streamed); /stats and /metrics count it."""
+    import json
+    import urllib.request
+
+    msgs = [{"role": "system", "content": "You are a concise geography tutor. Answer in one sentence."},
+            {"role": "user", "content": "What is the capital of France?"}]
+    r1 = client.chat.completions.create(model="default", temperature=0, max_tokens=24, messages=msgs)
+    assert r1.usage.prompt_tokens_details.cached_tokens < r1.usage.prompt_tokens
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "And the capital of Italy?"}]
+    r2 = client.chat.completions.create(model="default", temperature=0, max_tokens=24, messages=msgs)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 0.9 * (r1.usage.prompt_tokens + r1.usage.completion_tokens), (r1.usage, r2.usage)
+    assert cached < r2.usage.prompt_tokens
+    # Asked again, streamed: the same answer, and now nearly all of it is cached.
+    stream = client.chat.completions.create(model="default", temperature=0, max_tokens=24, messages=msgs,
+                                            stream=True, stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+    assert text == r2.choices[0].message.content
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+    with urllib.request.urlopen(server.url + "/stats") as resp:
+        stats = json.load(resp)
+    pc = stats["server"]["prefix_cache"]
+    assert pc["hit_tokens"] >= cached + usage.prompt_tokens - 1 and 0 < pc["hit_rate"] < 1
+    with urllib.request.urlopen(server.url + "/metrics") as resp:
+        text = resp.read().decode()
+    hits = [line for line in text.splitlines() if line.startswith("krserve_prefix_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) >= cached

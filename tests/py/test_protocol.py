@@ -32,9 +32,9 @@ def test_all_message_kinds_have_vectors():
 def test_constructors_match_vectors():
     P = protocol
     assert P.hello(pid=4242, model="/models/smollm2", ctx=8192, vocab=49152, eos=[2],
-                   caps=["resume", "stop", "penalties", "logit_bias", "seed"],
+                   caps=["resume", "stop", "penalties", "logit_bias", "seed", "prompt_cache"],
                    versions={"python": "3.11.7", "mlx_lm": "0.32.2", "mlx": "0.32.4",
-                             "krserve_worker": "0.1.0"}) == BY_NAME["hello"]
+                             "krserve_worker": "0.1.0"}, cache_bytes=3 << 30) == BY_NAME["hello"]
     assert P.tok(7, [504, 11], "Paris é 🙂") == BY_NAME["tok"]
     assert P.tok(7, [216], "") == BY_NAME["tok_held"]
     assert P.tok(15, [29], "", calls=[{"name": "get_weather", "arguments": '{"city":"Paris"}'}]) \
@@ -44,9 +44,11 @@ def test_constructors_match_vectors():
                  top_toks=[[" Paris", " Lyon"], [" é", "\ufffd"]]) == BY_NAME["tok_logprobs"]
     assert P.done(7, "stop", 5, 12, "tail") == BY_NAME["done"]
     assert P.done(8, "length", 5, 10) == BY_NAME["done_length"]
+    assert P.done(14, "stop", 1500, 40, cached=1399) == BY_NAME["done_cached"]
     assert P.error(7, "invalid", "top_p must be in [0, 1]") == BY_NAME["error"]
     assert P.error(0, "internal", "model failed to load") == BY_NAME["error_fatal"]
-    assert P.pong(3, 4, 123456789, 5000000000, 300000000) == BY_NAME["pong"]
+    assert P.pong(3, 4, 123456789, 5000000000, 300000000, cache=1 << 31,
+                  evicted=17) == BY_NAME["pong"]
 
 
 def test_encoder_follows_go_types_and_omits_zeros():

@@ -66,7 +66,9 @@ def test_hello(worker, tiny_model):
     assert h["ctx"] == 2048
     assert h["vocab"] == 512
     assert h["eos"] == [EOS]
-    assert h["caps"] == ["resume", "stop", "penalties", "logit_bias", "seed", "schema", "tools"]
+    assert h["caps"] == ["resume", "stop", "penalties", "logit_bias", "seed", "schema", "tools", "prompt_cache"]
+    # The default budget: an eighth of physical memory.
+    assert h["cache_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
     assert h["versions"] == {"krserve_worker": "0.1.0", "mlx": mx.__version__,
                              "mlx_lm": mlx_lm.__version__,
                              "python": platform.python_version(),

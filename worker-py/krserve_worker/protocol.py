@@ -27,12 +27,13 @@ VERSION = 3
 MAX_FRAME = 16 << 20  # bytes of body, checked before allocating
 
 CAPS = ["resume", "stop", "penalties", "logit_bias", "seed", "schema", "tools"]
+CAP_PROMPT_CACHE = "prompt_cache"  # advertised when the worker's prompt cache is on
 
 # Wire order of every key (Go: ipc.Message field order).
 KEY_ORDER = (
     "t",
     # hello
-    "v", "pid", "model", "ctx", "vocab", "eos", "caps", "versions",
+    "v", "pid", "model", "ctx", "vocab", "eos", "caps", "versions", "cache_bytes",
     "id", "seq",
     # gen
     "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
@@ -45,13 +46,13 @@ KEY_ORDER = (
     # tok
     "ids", "lps", "toks", "top_lps", "top_toks",
     # done
-    "reason", "ptoks", "ctoks",
+    "reason", "ptoks", "ctoks", "cached",
     # tok: parsed tool calls (v3)
     "calls",
     # error
     "code", "msg",
     # pong
-    "active", "mem_active", "mem_peak", "rss",
+    "active", "mem_active", "mem_peak", "rss", "cache", "evicted",
 )
 _KEY_RANK = {k: i for i, k in enumerate(KEY_ORDER)}
 
@@ -66,7 +67,8 @@ _STR_KEYS = frozenset({"t", "model", "text", "reason", "code", "msg", "schema", 
 _INT_KEYS = frozenset(
     {"v", "pid", "ctx", "vocab", "id", "seq", "max_tokens", "top_k", "seed", "sent",
      "top_logprobs", "sent_calls",
-     "ptoks", "ctoks", "active", "mem_active", "mem_peak", "rss"}
+     "ptoks", "ctoks", "cached", "active", "mem_active", "mem_peak", "rss",
+     "cache_bytes", "cache", "evicted"}
 )
 _INT_LIST_KEYS = frozenset({"eos", "prompt", "resume", "ids"})
 _STR_LIST_KEYS = frozenset({"caps", "stop"})
@@ -215,10 +217,11 @@ def split_frame(buf) -> tuple[int, int] | None:
 
 
 def hello(*, v: int = VERSION, pid: int, model: str, ctx: int, vocab: int,
-          eos: list[int], caps: list[str] = CAPS, versions: dict[str, str]) -> bytes:
+          eos: list[int], caps: list[str] = CAPS, versions: dict[str, str],
+          cache_bytes: int = 0) -> bytes:
     return encode({"t": "hello", "v": v, "pid": pid, "model": model, "ctx": ctx,
                    "vocab": vocab, "eos": list(eos), "caps": list(caps),
-                   "versions": versions})
+                   "versions": versions, "cache_bytes": cache_bytes})
 
 
 def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=None,
@@ -232,15 +235,20 @@ def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=No
     return encode(m)
 
 
-def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "", calls=None) -> bytes:
+def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "", calls=None,
+         cached: int = 0) -> bytes:
+    """``cached``: of the ``ptoks`` prefilled, how many came from the prompt cache."""
     return encode({"t": "done", "id": id, "reason": reason, "ptoks": ptoks,
-                   "ctoks": ctoks, "text": text, "calls": calls})
+                   "ctoks": ctoks, "cached": cached, "text": text, "calls": calls})
 
 
 def error(id: int, code: str, msg: str) -> bytes:
     return encode({"t": "error", "id": id, "code": code, "msg": msg})
 
 
-def pong(seq: int, active: int, mem_active: int, mem_peak: int, rss: int) -> bytes:
+def pong(seq: int, active: int, mem_active: int, mem_peak: int, rss: int,
+         cache: int = 0, evicted: int = 0) -> bytes:
+    """``cache``: bytes the prompt cache holds; ``evicted``: entries it has
+    evicted since the worker started."""
     return encode({"t": "pong", "seq": seq, "active": active, "mem_active": mem_active,
-                   "mem_peak": mem_peak, "rss": rss})
+                   "mem_peak": mem_peak, "rss": rss, "cache": cache, "evicted": evicted})

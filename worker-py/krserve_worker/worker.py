@@ -20,6 +20,12 @@ Threads:
   tokenizer refuses is answered from here. ``pong`` reports values the main
   thread caches after each step.
 
+The prompt cache (``prompt_cache.py``): before a request is prefilled, the
+nearest cached KV state of its prompt is fetched and only the rest is
+prefilled, on the fast path and in the batch alike; the end of a chat's system
+prompt, the end of each prompt and each finished (or cancelled) sequence are
+stored back.
+
 Both threads write through one ``FrameWriter`` (a lock and an ``os.write``
 loop); frames produced in one step are written as one buffer.
 
@@ -45,6 +51,8 @@ import time
 from . import __version__, blas, faults, grammar, protocol, tools
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
+from .prompt_cache import (PromptCache, copy_cache, default_budget, prefill,
+                           prompt_checkpoints_needed, system_end, with_prefix)
 from .protocol import ProtocolError
 from .textstream import TextStream
 
@@ -75,10 +83,18 @@ def parse_args(argv):
                     help="hold a quantized model's weights as float32 (auto: on mlx's CPU "
                          "device with OpenBLAS loaded, when float32 weights take at most a "
                          "quarter of physical memory; see dequantize_for_cpu)")
+    ap.add_argument("--prompt-cache-bytes", type=int, default=None, metavar="N",
+                    help="bytes of KV cache the prompt cache and the running sequences may "
+                         "hold together (default: an eighth of physical memory; 0 turns "
+                         "the prompt cache off)")
     args = ap.parse_args(argv)
     for name in ("max_batch", "prefill_batch", "prefill_step"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.prompt_cache_bytes is None:
+        args.prompt_cache_bytes = default_budget(_physical_memory())
+    elif args.prompt_cache_bytes < 0:
+        ap.error("--prompt-cache-bytes must be >= 0")
     return args
 
 
@@ -186,6 +202,8 @@ class Shared:
         self.active = 0
         self.mem_active = 0
         self.mem_peak = 0
+        self.cache = 0  # bytes the prompt cache holds
+        self.evicted = 0  # prompt cache entries evicted so far
 
 
 def _need_id(msg) -> int:
@@ -200,7 +218,7 @@ def _need_id(msg) -> int:
 
 class Reader(threading.Thread):
     def __init__(self, reader: FrameReader, writer: FrameWriter, q: queue.Queue,
-                 tokenizer, shared: Shared, grammars=None):
+                 tokenizer, shared: Shared, grammars=None, checkpoints: bool = False):
         super().__init__(name="krserve-reader", daemon=True)
         self.reader = reader
         self.writer = writer
@@ -208,6 +226,7 @@ class Reader(threading.Thread):
         self.tokenizer = tokenizer
         self.shared = shared
         self.grammars = grammars  # grammar.Grammars, or None when llguidance is missing
+        self.checkpoints = checkpoints  # find where chats' system prompts end
 
     def run(self):
         try:
@@ -276,7 +295,8 @@ class Reader(threading.Thread):
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise ProtocolError(f"ping with invalid seq {seq!r}")
         s = self.shared
-        self.writer.write(protocol.pong(seq, s.active, s.mem_active, s.mem_peak, read_rss()))
+        self.writer.write(protocol.pong(seq, s.active, s.mem_active, s.mem_peak, read_rss(),
+                                        cache=s.cache, evicted=s.evicted))
 
     def tokenize(self, msg) -> bool:
         """Tokenize a gen's text or messages into ``msg[TOKENIZED]`` and
@@ -294,7 +314,7 @@ class Reader(threading.Thread):
                 if "text" in msg or "messages" in msg:
                     raise InvalidRequest("a gen carries prompt ids or text or messages, not both")
             else:
-                msg[TOKENIZED] = tokenize(self.tokenizer, msg, treq)
+                msg[TOKENIZED] = tokenize(self.tokenizer, msg, treq, self.checkpoints)
             msg[CONSTRAINT] = self.constraint(msg, treq)
             return True
         except InvalidRequest as e:
@@ -307,9 +327,11 @@ class Reader(threading.Thread):
 
 
 # The keys under which the reader thread leaves a gen's tokenized prompt and
-# its Constraint (not wire keys: they never leave the process).
+# its Constraint, and where its system prompt ends (not wire keys: they never
+# leave the process).
 TOKENIZED = "_prompt_ids"
 CONSTRAINT = "_constraint"
+SYSTEM_END = "_system_end"
 
 
 class Constraint:
@@ -339,11 +361,12 @@ def _check_message(m) -> dict:
     return m
 
 
-def tokenize(tokenizer, msg, treq=None) -> list[int]:
+def tokenize(tokenizer, msg, treq=None, checkpoints: bool = False) -> list[int]:
     """A gen's prompt as ids: the chat template (with the generation prompt)
     applied to ``messages`` when present, with the tools of ``treq``
     (tools.chat_messages), else ``text`` encoded (``special`` adds the
-    tokenizer's special tokens, such as BOS)."""
+    tokenizer's special tokens, such as BOS). With ``checkpoints``, a chat's
+    system prompt end goes to ``msg[SYSTEM_END]`` (prompt cache)."""
     messages = msg.get("messages") or []
     if messages:
         if not isinstance(messages, list):
@@ -353,6 +376,10 @@ def tokenize(tokenizer, msg, treq=None) -> list[int]:
             raise InvalidPrompt("the model has no chat template")
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                             **kwargs)
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if checkpoints:
+            msg[SYSTEM_END] = system_end(tokenizer, chat, ids, **kwargs)
     else:
         text = msg.get("text", "")
         if not isinstance(text, str):
@@ -369,16 +396,21 @@ def tokenize(tokenizer, msg, treq=None) -> list[int]:
 
 class Request:
     __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors", "grammar",
-                 "calls", "carry", "fault")
+                 "calls", "carry", "fault", "tokens", "system_end", "cache", "cached", "kinds")
 
-    def __init__(self, p, text: TextStream):
+    def __init__(self, p, text: TextStream, system_end: int = 0):
         self.p = p
         self.uid = None
         self.text = text
-        self.ptoks = len(p.prompt) + len(p.resume)
+        self.tokens = p.prompt + p.resume  # what is prefilled
+        self.ptoks = len(self.tokens)
         self.ctoks = 0
         self.sampler = None
         self.processors = []
+        self.system_end = system_end  # where a chat's system prompt ends (0: none)
+        self.cache = None  # the prompt cache's KV state for tokens[:cached]
+        self.cached = 0
+        self.kinds: list[str] = []  # the checkpoints still to store, in order
         self.fault = None  # faults.Armed, only under KRSERVE_WORKER_FAULT
         self.grammar: grammar.GrammarProcessor | None = None
         self.calls: tools.CallStream | None = None  # splits tool calls out of the text
@@ -393,6 +425,18 @@ class Request:
             content, calls = self.carry[0] + content, self.carry[1] + calls
             self.carry = ("", [])
         return content, calls
+
+    def checkpoints(self, prompt_end: bool) -> list[tuple[int, str]]:
+        """Where to store the KV state while prefilling, after what the cache
+        gave: the end of the system prompt, and with ``prompt_end`` the end of
+        the prompt but its last token."""
+        n, last = self.cached, len(self.tokens) - 1
+        out = []
+        if n < self.system_end < last:
+            out.append((self.system_end, "system"))
+        if prompt_end and n < last:
+            out.append((last, "user"))
+        return out
 
 
 class Worker:
@@ -429,6 +473,10 @@ class Worker:
         # until the fast one ends. It is in self.reqs like any other.
         self.fast: Request | None = None
         self.fast_iter = None
+        self.fast_cache = None  # its KV cache and the tokens it holds
+        self.fast_tokens: list[int] = []
+        self.pc = PromptCache(getattr(args, "prompt_cache_bytes", 0))
+        self.prompt_end_checkpoints = self.pc.enabled and prompt_checkpoints_needed(model)
         self.reqs: dict[int, Request] = {}  # id -> running request (generator or fast path)
         self.by_uid: dict[int, Request] = {}
         self.pending: list[Request] = []  # validated, not yet inserted
@@ -446,15 +494,36 @@ class Worker:
         s.active = len(self.reqs) + len(self.pending)
         s.mem_active = int(self.mx.get_active_memory())
         s.mem_peak = int(self.mx.get_peak_memory())
+        s.cache = self.pc.nbytes
+        s.evicted = self.pc.evicted
 
-    def finish(self, req: Request, remove: bool):
+    def active_bytes(self) -> int:
+        """KV bytes the running sequences hold (the prompt cache's budget
+        covers them too)."""
+        n = self.gen.prompt_cache_nbytes
+        if self.fast_cache is not None:
+            n += sum(c.nbytes for c in self.fast_cache)
+        return n
+
+    def finish(self, req: Request, remove: bool, final=None):
+        """Forget a request that ended. ``remove``: it is still in the batch
+        generator; ``final``: the (cache, tokens) the generator returned with
+        its last token. What it holds goes to the prompt cache."""
+        saved = None
         if req is self.fast:
+            saved = (self.fast_cache, self.fast_tokens)
             self.fast, self.fast_iter = None, None  # dropping the generator frees its cache
-        if remove and req.uid is not None:
-            self.gen.remove([req.uid])
+            self.fast_cache, self.fast_tokens = None, []
+        elif remove and req.uid is not None:
+            got = self.gen.remove([req.uid], return_prompt_caches=self.pc.enabled)
+            saved = got.get(req.uid)
+        elif final is not None:
+            saved = final
         self.reqs.pop(req.p.id, None)
         if req.uid is not None:
             self.by_uid.pop(req.uid, None)
+        if saved is not None and saved[0] and len(saved[1]) > req.cached:
+            self.pc.store(list(saved[1]), saved[0], "assistant", self.active_bytes())
 
     # -- messages --
 
@@ -476,6 +545,7 @@ class Worker:
         calls = None
         try:
             p = parse_gen(msg, self.vocab, self.ctx, msg.get(TOKENIZED))
+            sys_end = msg.get(SYSTEM_END, 0)
             text = TextStream(self.tokenizer.detokenizer, p.stop)
             if con is not None and con.fmt is not None:
                 # Content and calls are counted apart: the text is replayed
@@ -491,7 +561,7 @@ class Worker:
         except ValueError as e:
             out.append(protocol.error(rid, "invalid", str(e)))
             return
-        req = Request(p, text)
+        req = Request(p, text, sys_end)
         if self.faults:
             req.fault = self.faults.arm(msg)
         req.calls = calls
@@ -533,7 +603,7 @@ class Worker:
         if req is None:
             return  # unknown or already finished: not an error
         self.finish(req, remove=True)
-        out.append(protocol.done(rid, "cancelled", req.ptoks, req.ctoks))
+        out.append(protocol.done(rid, "cancelled", req.ptoks, req.ctoks, cached=req.cached))
 
     def insert_pending(self, out):
         if not self.pending:
@@ -541,24 +611,59 @@ class Worker:
         for r in self.pending:
             if r.fault:
                 r.fault.on_start()
+            if r.cache is None and not r.cached:
+                r.cache, r.cached = self.pc.fetch(r.tokens)
         if (self.single_fast_path and not self.reqs and len(self.pending) == 1
-                and len(self.pending[0].p.prompt) + len(self.pending[0].p.resume) <= self.prefill_step):
-            # Alone, and a prompt prefilled in one step anyway (a longer one
-            # goes to the generator, whose chunked prefill can be cancelled).
-            r = self.pending.pop()
-            self.fast = r
-            self.fast_iter = self.generate_step(
-                self.mx.array(r.p.prompt + r.p.resume), self.model,
-                max_tokens=r.p.max_tokens, sampler=r.sampler,
-                logits_processors=r.processors or None, prefill_step_size=self.prefill_step)
-            self.reqs[r.p.id] = r
-            log(f"fast path: id {r.p.id}")
-            return
+                and len(self.pending[0].tokens) - self.pending[0].cached <= self.prefill_step):
+            # Alone, and what is left to prefill fits one step anyway (a longer
+            # one goes to the generator, whose chunked prefill can be cancelled).
+            self.start_fast(self.pending.pop())
+        else:
+            self.insert_batch(out)
+        self.pc.trim(self.active_bytes())
+
+    def start_fast(self, r: Request):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = r.cache if r.cache is not None else make_prompt_cache(self.model)
+        r.cache = None
+        toks, pos = r.tokens, r.cached
+        self.fast_cache, self.fast_tokens = cache, list(toks)
+        # Prefill to each checkpoint and store a copy there (generate_step
+        # prefills the rest: at least the last token).
+        for stop, kind in r.checkpoints(self.prompt_end_checkpoints):
+            prefill(self.model, cache, toks, pos, stop, self.prefill_step)
+            pos = stop
+            self.pc.store(toks[:stop], copy_cache(cache), kind, self.active_bytes())
+        # generate_step shows logits processors only the tokens it is given:
+        # they see the prefix the cache and the checkpoints took too.
+        processors = [with_prefix(f, toks[:pos]) for f in r.processors] if pos else r.processors
+        self.fast = r
+        self.fast_iter = self.generate_step(
+            self.mx.array(toks[pos:]), self.model, max_tokens=r.p.max_tokens, sampler=r.sampler,
+            logits_processors=processors or None, prefill_step_size=self.prefill_step,
+            prompt_cache=cache)
+        self.reqs[r.p.id] = r
+        log(f"fast path: id {r.p.id}" + (f", {r.cached} cached" if r.cached else ""))
+
+    def insert_batch(self, out):
         batch, self.pending = self.pending, []
+        segments = []
+        for r in batch:
+            n, stops = r.cached, r.checkpoints(self.prompt_end_checkpoints)
+            # The generator stops at each segment's end (and splits off the
+            # last token itself, which ends the "user" checkpoint).
+            if stops and stops[0][1] == "system":
+                segments.append([r.tokens[n:stops[0][0]], r.tokens[stops[0][0]:]])
+            else:
+                segments.append([r.tokens[n:]])
+            r.kinds = [kind for _, kind in stops]
         try:
-            uids = self.gen.insert(
-                [r.p.prompt + r.p.resume for r in batch],
+            uids = self.gen.insert_segments(
+                segments,
                 max_tokens=[r.p.max_tokens for r in batch],
+                caches=[r.cache for r in batch],
+                all_tokens=[r.tokens[:r.cached] for r in batch],
                 samplers=[r.sampler for r in batch],
                 logits_processors=[r.processors for r in batch],
             )
@@ -567,8 +672,11 @@ class Worker:
             for r in batch:
                 out.append(protocol.error(r.p.id, "internal", f"insert failed: {e}"))
             return
-        log(f"inserted {len(batch)} request(s): ids {[r.p.id for r in batch]}")
+        cached = [r.cached for r in batch]
+        log(f"inserted {len(batch)} request(s): ids {[r.p.id for r in batch]}"
+            + (f", cached {cached}" if any(cached) else ""))
         for r, uid in zip(batch, uids):
+            r.cache = None  # the generator holds it now
             r.uid = uid
             self.reqs[r.p.id] = r
             self.by_uid[uid] = r
@@ -585,6 +693,7 @@ class Worker:
         req = self.fast
         token, logprobs = next(self.fast_iter)
         token = int(token)
+        self.fast_tokens.append(token)  # generate_step has fed it to the cache already
         # BatchGenerator's finish reasons: "stop" on EOS, "length" at max_tokens.
         if token in self.eos:
             reason = "stop"
@@ -596,13 +705,27 @@ class Worker:
         self.on_token(req, token, reason, out, lp)  # with a reason, it also finishes req
 
     def step_batch(self, out):
-        _, responses = self.gen.next()
+        prompt_responses, responses = self.gen.next()
+        if self.pc.enabled:
+            self.checkpoint(prompt_responses)
         for r in responses:
             req = self.by_uid.get(r.uid)
             if req is None:
                 continue
             lp = self.logprob_data(req.p.top_logprobs, int(r.token), r.logprobs) if req.p.logprobs else None
-            self.on_token(req, int(r.token), r.finish_reason, out, lp)
+            final = (r.prompt_cache, r.all_tokens) if r.finish_reason is not None else None
+            self.on_token(req, int(r.token), r.finish_reason, out, lp, final)
+
+    def checkpoint(self, prompt_responses):
+        """Store the KV state of sequences whose prefill reached a checkpoint
+        (a segment's end) in this step."""
+        uids = [r.uid for r in prompt_responses
+                if r.end_of_segment and not r.end_of_prompt
+                and r.uid in self.by_uid and self.by_uid[r.uid].kinds]
+        if not uids:
+            return
+        for uid, (cache, tokens) in self.gen.extract_cache(uids).items():
+            self.pc.store(list(tokens), cache, self.by_uid[uid].kinds.pop(0), self.active_bytes())
 
     def token_text(self, i: int) -> str:
         s = self.tok_cache.get(i)
@@ -633,7 +756,7 @@ class Worker:
         return (chosen.item(), self.token_text(token), top_lps,
                 [self.token_text(i) for i in top_ids])
 
-    def on_token(self, req: Request, token: int, finish_reason, out, lp=None):
+    def on_token(self, req: Request, token: int, finish_reason, out, lp=None, final=None):
         rid = req.p.id
         req.ctoks += 1
         if req.grammar is not None and req.grammar.error:
@@ -647,8 +770,8 @@ class Worker:
             req.text.finalize()
             rest, _ = req.text.take(final=True)
             rest, calls = req.output(rest, final=True)
-            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls))
-            self.finish(req, remove=False)
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached))
+            self.finish(req, remove=False, final=final)
             return
         req.text.add(token)
         text, stopped = req.text.take()
@@ -668,15 +791,15 @@ class Worker:
             stopped = True  # parallel_tool_calls false: the first call ends the answer
         if stopped:
             rest, calls = req.output("", final=True)
-            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls))
-            self.finish(req, remove=finish_reason is None)
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached))
+            self.finish(req, remove=finish_reason is None, final=final)
         elif finish_reason is not None:  # "length"
             req.text.finalize()
             rest, stopped = req.text.take(final=True)
             rest, calls = req.output(rest, final=True)
             reason = "stop" if stopped else "length"
-            out.append(protocol.done(rid, reason, req.ptoks, req.ctoks, rest, calls=calls))
-            self.finish(req, remove=False)
+            out.append(protocol.done(rid, reason, req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached))
+            self.finish(req, remove=False, final=final)
 
     def make_noise(self):
         """Test hook (KRSERVE_WORKER_NOISE=1): write junk to fd 1 three ways."""
@@ -818,14 +941,17 @@ def main(argv, proto_in: int, proto_out: int) -> int:
     q: queue.Queue = queue.Queue()
     worker = Worker(model, tokenizer, vocab=vocab, ctx=ctx, args=args, writer=writer,
                     shared=shared, q=q, faults=injected)
+    caps = protocol.CAPS + ([protocol.CAP_PROMPT_CACHE] if worker.pc.enabled else [])
+    log(f"prompt cache: {worker.pc.budget / 2**20:.0f} MiB" if worker.pc.enabled else "prompt cache: off")
     writer.write(protocol.hello(
         pid=os.getpid(), model=args.model, ctx=ctx, vocab=vocab,
-        eos=sorted(worker.eos), caps=protocol.CAPS,
+        eos=sorted(worker.eos), caps=caps, cache_bytes=worker.pc.budget,
         versions={"krserve_worker": __version__, "mlx": mx.__version__,
                   "mlx_lm": mlx_lm.__version__, "python": platform.python_version(),
                   "blas": " ".join(blas_info.split()[:2]) if blas_info.startswith("OpenBLAS") else "bundled"},
     ))
-    Reader(FrameReader(proto_in), writer, q, tokenizer, shared, grammars).start()
+    Reader(FrameReader(proto_in), writer, q, tokenizer, shared, grammars,
+           checkpoints=worker.pc.enabled).start()
     try:
         return worker.run()
     except BrokenPipeError:

@@ -1,0 +1,362 @@
+"""The worker's prompt cache (krserve_worker/prompt_cache.py), on real workers.
+
+Greedy output must not depend on the cache: every turn of a conversation is
+compared with an uncached reference (mlx_lm.stream_generate in-process, or a
+worker started with ``--prompt-cache-bytes 0``), on the generate_step fast path
+and in the BatchGenerator. ``done.cached`` must show the reuse, ``pong`` the
+bytes held and the evictions, and the budget must hold.
+"""
+
+import time
+
+import pytest
+
+from conftest import summarize
+from test_worker import NO_EOS, gen, ref_greedy
+
+SYSTEM = ("You are a careful assistant. Answer in full sentences, never invent facts, "
+          "and say so when you do not know. Keep every answer short and kind.")
+QUESTIONS = [
+    "What is the capital of France?",
+    "Tell me a story about a robot.",
+    "How much wood would a woodchuck chuck?",
+    "Say hello to the world again.",
+    "What did the quick brown fox do?",
+]
+
+
+@pytest.fixture(scope="module")
+def clean(ref):
+    """A logit_bias that keeps the random model to tokens of whole UTF-8
+    characters (no specials but EOS): its replies then survive the
+    text round trip, decode and re-encode, as a trained model's do."""
+    _, tok = ref
+    return {i: -1e9 for i in range(len(tok.vocab))
+            if i in (0, 1) or "\ufffd" in tok.decode([i])}
+
+
+def chat(rid, msgs, max_tokens, **kw):
+    m = {"t": "gen", "id": rid, "messages": msgs, "max_tokens": max_tokens}
+    m.update(kw)
+    return m
+
+
+def pong(w, seq):
+    w.send({"t": "ping", "seq": seq})
+    deadline = time.monotonic() + 30
+    while True:
+        m = w.next_frame(max(0.1, deadline - time.monotonic()))
+        if m["t"] == "pong" and m.get("seq") == seq:
+            return m
+
+
+def wait_log(w, text, timeout=30):
+    deadline = time.monotonic() + timeout
+    while text not in w.stderr_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged"
+        w.eof.wait(0.005)  # poll the log file the worker writes
+
+
+def _common(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def conversation(user_turns, system=SYSTEM):
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs, list(user_turns)
+
+
+def test_multi_turn_fast_path_matches_uncached_and_reports_cached(start_worker, ref, clean):
+    """One conversation, one request at a time (the fast path): each turn's
+    output equals mlx-lm's uncached greedy output, and from turn 2 on at least
+    90% of the previous turn's prompt + reply comes from the cache."""
+    _, tok = ref
+    w = start_worker()
+    assert "prompt_cache" in w.hello()["caps"]
+    msgs, turns = conversation(QUESTIONS[:4])
+    prev = None
+    for i, q in enumerate(turns):
+        msgs.append({"role": "user", "content": q})
+        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        rid = 100 + i
+        w.send(chat(rid, msgs, 20, logit_bias=clean))
+        got = summarize(w.collect(rid))
+        done = got["last"]
+        want = ref_greedy(ref, ids, 20, logit_bias=clean)
+        assert got["ids"] == want["ids"], f"turn {i + 1}"
+        assert got["text"] == want["text"] and done["reason"] == want["reason"]
+        assert done["ptoks"] == len(ids)
+        if prev is None:
+            assert done.get("cached", 0) == 0
+        else:
+            assert done["cached"] >= 0.9 * (prev["ptoks"] + prev["ctoks"]), (i + 1, done, prev)
+            assert done["cached"] < done["ptoks"]
+        prev = done
+        msgs.append({"role": "assistant", "content": got["text"]})
+    assert "fast path: id 103" in w.stderr_text()
+
+
+def test_multi_turn_batched_matches_cache_off(start_worker, ref, clean):
+    """Three conversations whose turns are sent together (the batch path),
+    on a worker with the cache and one without: the same ids every turn, and
+    the cached counts show the reuse."""
+    on, off = start_worker(), start_worker(args=("--prompt-cache-bytes", "0"))
+    on.hello()
+    h_off = off.hello()
+    assert "prompt_cache" not in h_off["caps"] and "cache_bytes" not in h_off
+    convs = [conversation([QUESTIONS[(c + t) % len(QUESTIONS)] for t in range(3)])
+             for c in range(3)]
+    rid = 1000
+    prev = [None] * len(convs)
+    for t in range(3):
+        rids = []
+        for msgs, turns in convs:
+            msgs.append({"role": "user", "content": turns[t]})
+            rids.append(rid)
+            rid += 1
+        frames = [chat(r, msgs, 16 + 4 * k, logit_bias=clean) for k, (r, (msgs, _)) in enumerate(zip(rids, convs))]
+        on.send(*frames)
+        off.send(*frames)
+        for k, r in enumerate(rids):
+            a, b = summarize(on.collect(r)), summarize(off.collect(r))
+            assert a["ids"] == b["ids"] and a["text"] == b["text"], (t + 1, k)
+            assert a["last"]["reason"] == b["last"]["reason"]
+            assert "cached" not in b["last"]
+            if t == 0:
+                # Turn 1: at most what the prompts share (the system prompt),
+                # once a conversation has stored it (they are prefilled
+                # together, so maybe none).
+                ids = [ref[1].apply_chat_template(m[:2], add_generation_prompt=True, tokenize=True)
+                       for m, _ in convs]
+                shared = max(_common(ids[k], ids[j]) for j in range(len(ids)) if j != k)
+                assert a["last"].get("cached", 0) in (0, shared)
+            else:
+                p = prev[k]
+                assert a["last"]["cached"] >= 0.9 * (p["ptoks"] + p["ctoks"]), (t + 1, k)
+            prev[k] = a["last"]
+            convs[k][0].append({"role": "assistant", "content": a["text"]})
+    assert "inserted 3 request(s)" in on.stderr_text()
+
+
+def test_shared_system_prompt_is_a_checkpoint(start_worker, ref):
+    """A new conversation with a known system prompt starts from the cache."""
+    _, tok = ref
+    w = start_worker()
+    w.hello()
+    a = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    w.send(chat(1, a, 8))
+    summarize(w.collect(1))
+    b = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[1]}]
+    ids = list(tok.apply_chat_template(b, add_generation_prompt=True, tokenize=True))
+    sys_ids = list(tok.apply_chat_template(b[:1], tokenize=True))
+    w.send(chat(2, b, 8))
+    got = summarize(w.collect(2))
+    assert got["last"]["cached"] >= len(sys_ids)
+    assert got["ids"] == ref_greedy(ref, ids, 8)["ids"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_penalties_on_a_cache_hit_match_uncached(start_worker, ref, fast):
+    """Logits processors see the whole prompt on a cache hit too (the fast
+    path hands generate_step only the uncached tail; with these prompts,
+    penalties over the tail alone give other tokens)."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tok = ref
+    w = start_worker(args=() if fast else ("--no-single-fast-path",))
+    w.hello()
+    p = tok.encode("The quick brown fox jumps over the lazy dog. " * 3, add_special_tokens=False)
+    w.send(gen(1, p, 4))
+    summarize(w.collect(1))
+    q = p + tok.encode(" sea", add_special_tokens=False)
+    w.send(gen(2, q, 24, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3))
+    got = summarize(w.collect(2))
+    assert got["last"]["cached"] >= len(p)
+    lp = make_logits_processors(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3)
+    want = [r.token for r in stream_generate(model, tok, q, max_tokens=24, logits_processors=lp)]
+    want = [t for t in want if t not in tok.eos_token_ids]
+    assert got["ids"] == want
+
+
+def test_completion_continuing_its_own_output(start_worker, ref):
+    """A text prompt that is exactly a stored sequence (prompt + reply) still
+    prefills its last token itself."""
+    _, tok = ref
+    w = start_worker()
+    w.hello()
+    p = tok.encode("Once upon a time there was", add_special_tokens=False)
+    w.send(gen(1, p, 12, logit_bias=NO_EOS))
+    first = summarize(w.collect(1))
+    q = p + first["ids"]  # what the cache stored, exactly
+    w.send(gen(2, q, 12, logit_bias=NO_EOS))
+    got = summarize(w.collect(2))
+    assert got["last"]["cached"] == len(q) - 1
+    assert got["ids"] == ref_greedy(ref, q, 12, logit_bias=NO_EOS)["ids"]
+
+
+def _kv_bytes_per_token(w, tok):
+    """Bytes the cache holds per token of a finished sequence (the tiny
+    model's KV width), measured."""
+    p = tok.encode("Hello world! Hello again, world.", add_special_tokens=False)
+    w.send(gen(1, p, 8, logit_bias=NO_EOS))
+    summarize(w.collect(1))
+    held = pong(w, 1)["cache"]
+    return held // (len(p) + 8)
+
+
+def test_budget_holds_and_evicts_the_oldest(start_worker, ref, tmp_path):
+    """With room for about two conversations, a third evicts the oldest; the
+    cache never holds more than the budget; an entry larger than the budget is
+    skipped without flushing the others."""
+    _, tok = ref
+    probe = start_worker()
+    probe.hello()
+    per_tok = _kv_bytes_per_token(probe, tok)
+    probe.stop()
+    assert per_tok > 0
+    # Tokens per conversation: prompt 500 + reply 12, as much as a running
+    # sequence's KV buffer holds (it grows in 256-token steps).
+    n = 512
+    budget = int(per_tok * n * 2.5)
+    w = start_worker(args=("--prompt-cache-bytes", str(budget)))
+    assert w.hello()["cache_bytes"] == budget
+    a, b, c = prompts = [[(i * k + k) % 400 + 3 for i in range(500)] for k in (3, 5, 7)]
+    for k, p in enumerate(prompts):
+        w.send(gen(10 + k, p, 12, logit_bias=NO_EOS))
+        summarize(w.collect(10 + k))
+        m = pong(w, 10 + k)
+        assert 0 < m["cache"] <= budget
+        assert m.get("evicted", 0) == (1 if k == 2 else 0)
+    assert m["cache"] == 2 * n * per_tok  # B and C
+    # B and C are there: asked together, both hit (a hit copies its entry,
+    # and then the copies count against the budget too, evicting both).
+    w.send(gen(21, b, 2, logit_bias=NO_EOS), gen(22, c, 2, logit_bias=NO_EOS))
+    assert summarize(w.collect(21))["last"]["cached"] == len(b) - 1
+    assert summarize(w.collect(22))["last"]["cached"] == len(c) - 1
+    # A, the oldest, was evicted.
+    w.send(gen(20, a, 2, logit_bias=NO_EOS))
+    assert "cached" not in summarize(w.collect(20))["last"]
+    before = pong(w, 30)
+    assert before["cache"] <= budget
+    # An entry larger than the whole budget is skipped; nothing is evicted for it.
+    big = [(i * 11) % 400 + 3 for i in range(int(budget / per_tok) + 10)]
+    w.send(gen(31, big, 1))
+    assert summarize(w.collect(31))["last"]["t"] == "done"
+    after = pong(w, 32)
+    assert after.get("evicted", 0) == before.get("evicted", 0)
+    assert after["cache"] == before["cache"]
+
+
+def test_cancelled_request_keeps_its_prefill(start_worker, ref):
+    """A request cancelled during its chunked prefill stores what it
+    prefilled; one cancelled while decoding stores its prompt and tokens."""
+    w = start_worker(args=("--prefill-step", "32"))
+    w.hello()
+    long_prompt = [(i * 7) % 500 + 3 for i in range(600)]
+    w.send(gen(1, long_prompt, 100000, logit_bias=NO_EOS))  # cannot finish before the cancel
+    wait_log(w, "inserted 1 request(s): ids [1]")  # then its prefill has begun
+    w.send({"t": "cancel", "id": 1})
+    done = w.collect(1)[-1]
+    assert done["reason"] == "cancelled"
+    w.send(gen(2, long_prompt, 2))
+    again = summarize(w.collect(2))["last"]
+    # Each 32-token chunk is a step; the cancel came at one of them (at worst
+    # the request finished prefilling, and then everything is cached).
+    assert again["cached"] > 0 and again["cached"] % 32 == 0 or again["cached"] == len(long_prompt) - 1
+    # Cancelled while decoding on the fast path: prompt + tokens so far.
+    p = [(i * 5) % 400 + 3 for i in range(20)]
+    w.send(gen(3, p, 100000, logit_bias=NO_EOS))
+    first = w.next_for(3)
+    assert first["t"] == "tok"
+    w.send({"t": "cancel", "id": 3})
+    frames = [first] + w.collect(3)
+    assert frames[-1]["reason"] == "cancelled"
+    out = summarize(frames)["ids"]
+    w.send(gen(4, p + out, 2, logit_bias=NO_EOS))
+    assert summarize(w.collect(4))["last"]["cached"] == len(p + out) - 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_resume_hits_the_cache(start_worker, ref, fast):
+    """A resumed request (prompt + resume) finds the state of its first attempt."""
+    _, tok = ref
+    args = () if fast else ("--no-single-fast-path",)
+    w = start_worker(args=args)
+    w.hello()
+    p = tok.encode("The quick brown fox", add_special_tokens=False)
+    want = ref_greedy(ref, p, 20, logit_bias=NO_EOS)
+    w.send(gen(1, p, 20, logit_bias=NO_EOS))
+    summarize(w.collect(1))
+    w.send(gen(2, p, 12, resume=want["ids"][:8], logit_bias=NO_EOS))
+    got = summarize(w.collect(2))
+    assert want["ids"][:8] + got["ids"] == want["ids"]
+    assert got["last"]["cached"] == len(p) + 8 - 1
+
+
+# -- a model whose cache cannot be trimmed (mamba: ArraysCache) ----------------
+
+
+@pytest.fixture(scope="module")
+def mamba(tmp_path_factory):
+    from conftest import _load_script
+
+    out = tmp_path_factory.mktemp("mamba") / "model"
+    assert _load_script().main([str(out), "--seed", "0", "--arch", "mamba"]) == 0
+    from mlx_lm import load
+
+    model, tok = load(str(out))
+    assert type(model.make_cache()[0]).__name__ == "ArraysCache"
+    return str(out), (model, tok)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_state_space_model_multi_turn_and_exact_prefixes_only(start_worker, mamba, clean, fast):
+    """ArraysCache cannot be trimmed: the worker resumes only from states it
+    stored for an exact prefix (the end of the system prompt, of each prompt,
+    the finished sequence), and the output equals uncached generation every
+    turn, on the fast path and through the BatchGenerator (one request at a
+    time: mlx-lm 0.32.2 does not batch mamba prompts of different lengths
+    correctly even without a cache, see batch_generate)."""
+    path, ref = mamba
+    _, tok = ref
+    w = start_worker(path, args=() if fast else ("--no-single-fast-path",))
+    w.hello()
+    msgs, turns = conversation(QUESTIONS[:3])
+    prev, first_prompt = None, 0
+    for i, q in enumerate(turns):
+        msgs.append({"role": "user", "content": q})
+        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        first_prompt = first_prompt or len(ids)
+        w.send(chat(10 + i, msgs, 16, logit_bias=clean))
+        got = summarize(w.collect(10 + i))
+        assert got["ids"] == ref_greedy(ref, ids, 16, logit_bias=clean)["ids"], f"turn {i + 1}"
+        if prev is not None:
+            assert got["last"]["cached"] >= 0.9 * (prev["ptoks"] + prev["ctoks"])
+        prev = got["last"]
+        msgs.append({"role": "assistant", "content": got["text"]})
+    # The same prompt again (a regenerated answer): the prompt-end checkpoint.
+    w.send(chat(20, msgs[:-1], 16, logit_bias=clean))
+    again = summarize(w.collect(20))
+    assert again["last"]["cached"] == prev["ptoks"] - 1
+    # A prompt that leaves the stored conversation mid-way (another first
+    # answer) cannot use the longer states (no trimming): the nearest exact
+    # prefix is turn 1's prompt-end checkpoint.
+    other = msgs[:2] + [{"role": "assistant", "content": "Something else entirely."},
+                        {"role": "user", "content": QUESTIONS[4]}]
+    ids = list(tok.apply_chat_template(other, add_generation_prompt=True, tokenize=True))
+    w.send(chat(21, other, 16, logit_bias=clean))
+    got = summarize(w.collect(21))
+    assert got["last"]["cached"] == first_prompt - 1
+    assert got["ids"] == ref_greedy(ref, ids, 16, logit_bias=clean)["ids"]
+    # A new conversation with the same system prompt: its checkpoint.
+    sys_ids = list(tok.apply_chat_template(msgs[:1], tokenize=True))
+    new = msgs[:1] + [{"role": "user", "content": QUESTIONS[3]}]
+    ids = list(tok.apply_chat_template(new, add_generation_prompt=True, tokenize=True))
+    w.send(chat(22, new, 16, logit_bias=clean))
+    got = summarize(w.collect(22))
+    assert len(sys_ids) <= got["last"]["cached"] < len(ids) - 1
+    assert got["ids"] == ref_greedy(ref, ids, 16, logit_bias=clean)["ids"]
