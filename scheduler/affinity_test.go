@@ -228,3 +228,42 @@ func TestLeastLoadedIgnoresHistory(t *testing.T) {
 		}
 	})
 }
+
+// A worker that reports fewer cached tokens than its index predicted has
+// evicted text the index still lists: the index shrinks, and the miss is
+// counted. A worker that reports the hit leaves it alone.
+func TestMispredictionShrinksTheIndex(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, 8, nil)
+		h.addWorker(1)
+		a1 := h.chat(0)
+		h.mustSubmit(a1)
+		h.finish(1, a1, "Hello from A.", 300)
+		blocks := len(h.s.slots[1].index.blocks) // turn 1's prompt and reply
+
+		a2 := h.chat(0, "Hello from A.", strings.Repeat("Tell me more. ", 10))
+		h.mustSubmit(a2)
+		if a2.predicted == 0 {
+			t.Fatal("turn 2 predicted no hit")
+		}
+		// The worker found the whole previous turn: no correction.
+		h.deliver(1, &ipc.Message{T: ipc.TDone, ID: a2.ID, Reason: "stop", PToks: 400, CToks: 1, Cached: 300})
+		if v := counter(t, h.m.RoutingMispredictions); v != 0 {
+			t.Fatalf("mispredictions after a hit = %v", v)
+		}
+		grown := len(h.s.slots[1].index.blocks)
+		if grown <= blocks || h.s.slots[1].index.max != h.s.cfg.Routing.IndexBlocks {
+			t.Fatalf("index %d blocks (bound %d) after turn 2, %d before", grown, h.s.slots[1].index.max, blocks)
+		}
+
+		a3 := h.chat(0, "Hello from A.", strings.Repeat("Tell me more. ", 10), "", "Again?")
+		h.mustSubmit(a3)
+		h.deliver(1, &ipc.Message{T: ipc.TDone, ID: a3.ID, Reason: "stop", PToks: 420, CToks: 1, Cached: 0})
+		if v := counter(t, h.m.RoutingMispredictions); v != 1 {
+			t.Fatalf("mispredictions after a miss = %v", v)
+		}
+		if ix := h.s.slots[1].index; ix.max >= h.s.cfg.Routing.IndexBlocks || ix.max > grown {
+			t.Errorf("index bound %d after a miss (had %d blocks)", ix.max, grown)
+		}
+	})
+}
