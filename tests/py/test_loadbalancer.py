@@ -41,17 +41,27 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
 def haproxy_config(template: str, *, port: int, sock: Path, servers: dict[str, int]) -> str:
     """The shipped config with only its addresses changed: the frontend binds
     `port`, the runtime API listens on `sock`, and the backend's server lines
-    are `servers` (name: loopback port), keeping the template's server options.
-    Everything else (balance, checks, timeouts, retries) is the template's."""
-    out, binds, socks, opts, placed = [], 0, 0, None, False
+    are `servers` (name: loopback port), keeping the template's server options;
+    the global maxconn drops to 256 so the descriptor limit of a test machine
+    suffices. Everything else (balance, checks, timeouts, retries) is the
+    template's."""
+    out, binds, socks, opts, placed, section = [], 0, 0, None, False, ""
     for line in template.splitlines():
         s = line.split("#", 1)[0].strip()
+        if s and not line[0].isspace():
+            section = s.split()[0]
         if s.startswith("bind "):
             out.append(f"    bind 127.0.0.1:{port}")
             binds += 1
         elif s.startswith("stats socket "):
             out.append(re.sub(r"stats socket \S+", f"stats socket {sock}", line))
             socks += 1
+        elif s.startswith("maxconn ") and section == "global":
+            # The global connection limit needs two descriptors a connection,
+            # and haproxy inherits this process's limit, which importing
+            # mlx_lm lowers to 2048/4096 (mlx_lm/utils.py calls setrlimit):
+            # "Cannot raise FD limit to 8222". A few hundred is plenty here.
+            out.append(re.sub(r"maxconn \d+", "maxconn 256", line))
         elif s.startswith("server "):
             if opts is None:
                 opts = " ".join(s.split()[3:])
