@@ -224,13 +224,22 @@ func (s *Server) ps(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, 200, map[string]any{"models": out})
 }
 
-// loadModel is POST /api/models/{name}/load: it answers once the model is
-// loaded, with its status.
-func (s *Server) loadModel(w http.ResponseWriter, r *http.Request) {
+// pathModel resolves the {name} of an /api/models path (an alias too), or
+// answers 404 model_not_found.
+func (s *Server) pathModel(w http.ResponseWriter, r *http.Request) (string, bool) {
 	requested := r.PathValue("name")
 	name, ok := s.models.Resolve(requested)
 	if !ok {
 		writeError(w, modelError(&models.Error{Code: models.CodeNotFound, Msg: fmt.Sprintf("model %q is not served here", requested)}, w, requested))
+	}
+	return name, ok
+}
+
+// loadModel is POST /api/models/{name}/load: it answers once the model is
+// loaded, with its status.
+func (s *Server) loadModel(w http.ResponseWriter, r *http.Request) {
+	name, ok := s.pathModel(w, r)
+	if !ok {
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.DefaultTimeout)
@@ -250,10 +259,8 @@ func (s *Server) loadModel(w http.ResponseWriter, r *http.Request) {
 // unloadModel is POST /api/models/{name}/unload: the model finishes its
 // requests, then stops; it answers once it has.
 func (s *Server) unloadModel(w http.ResponseWriter, r *http.Request) {
-	requested := r.PathValue("name")
-	name, ok := s.models.Resolve(requested)
+	name, ok := s.pathModel(w, r)
 	if !ok {
-		writeError(w, modelError(&models.Error{Code: models.CodeNotFound, Msg: fmt.Sprintf("model %q is not served here", requested)}, w, requested))
 		return
 	}
 	if err := s.models.Unload(r.Context(), name); err != nil {
