@@ -26,8 +26,11 @@ type Router interface {
 
 // Config holds the pool's settings.
 type Config struct {
-	Workers           int
-	Command           func(slot int) Command
+	Workers int
+	Command func(slot int) Command
+	// GroupSize: processes per worker (a group of ranks, Group); 0 or 1 is
+	// one process. Each rank runs Command with its rank's environment.
+	GroupSize         int
 	StartTimeout      time.Duration // from spawn to hello
 	HeartbeatInterval time.Duration
 	HeartbeatTimeout  time.Duration // no pong for this long: wedged
@@ -102,6 +105,9 @@ type SlotStatus struct {
 	Failure    string      `json:"failure,omitempty"`
 	LastExit   *ExitRecord `json:"last_exit,omitempty"`
 	Healthy    bool        `json:"healthy"`
+	// Ranks: each process of a worker that is a group of ranks
+	// (GroupSize > 1) while it runs; PID is rank 0's.
+	Ranks []RankStatus `json:"ranks,omitempty"`
 }
 
 type slotState struct {
@@ -110,7 +116,7 @@ type slotState struct {
 
 	mu       sync.Mutex
 	state    string
-	proc     *Process
+	proc     *Group
 	started  time.Time
 	starts   int
 	restarts int
@@ -276,14 +282,26 @@ func (p *Pool) recordExit(s *slotState, e *Exit, reason string, served int) {
 	s.lastExit = &ExitRecord{Signal: sig, Code: e.Code, Cause: cause, Reason: reason, At: e.At, Stderr: e.Stderr}
 	s.mu.Unlock()
 	p.m.WorkerMemory.DeletePartialMatch(map[string]string{"worker": strconv.Itoa(s.id)})
+	p.m.WorkerRankUp.DeletePartialMatch(map[string]string{"worker": strconv.Itoa(s.id)})
+	p.m.WorkerRankMemory.DeletePartialMatch(map[string]string{"worker": strconv.Itoa(s.id)})
 }
 
 // start spawns a worker and waits for its hello.
-func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Process, error) {
+func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Group, error) {
 	helloCh := make(chan *ipc.Message, 1)
-	var proc *Process
 	var gotHello atomic.Bool
-	var fatal string // this process's fatal error frame; read after Done (the reader has finished)
+	var fatalMu sync.Mutex // a group's ranks report from their own readers
+	var fatal string       // a rank's fatal error frame
+	setFatal := func(msg string) {
+		fatalMu.Lock()
+		if fatal == "" {
+			fatal = msg
+		}
+		fatalMu.Unlock()
+		s.mu.Lock()
+		s.failure = msg
+		s.mu.Unlock()
+	}
 	onMsg := func(m *ipc.Message) error {
 		switch m.T {
 		case ipc.THello:
@@ -308,10 +326,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		case ipc.TError:
 			if m.ID == 0 {
 				log.Error("worker reported a fatal error", "code", m.Code, "msg", m.Msg)
-				fatal = m.Msg
-				s.mu.Lock()
-				s.failure = m.Msg
-				s.mu.Unlock()
+				setFatal(m.Msg)
 				return nil
 			}
 		}
@@ -321,7 +336,11 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		return p.router.Deliver(s.id, m)
 	}
 	t0 := time.Now()
-	proc, err := Start(s.id, p.cfg.Command(s.id), log, onMsg)
+	onFatal := func(rank int, msg string) {
+		log.Error("worker rank reported a fatal error", "rank", rank, "msg", msg)
+		setFatal(fmt.Sprintf("rank %d: %s", rank, msg))
+	}
+	proc, err := StartGroup(s.id, p.cfg.GroupSize, p.cfg.Command(s.id), log, onMsg, onFatal)
 	if err != nil {
 		return nil, err
 	}
@@ -349,6 +368,8 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		return proc, nil
 	case <-proc.Done():
 		e := proc.Exit()
+		fatalMu.Lock()
+		defer fatalMu.Unlock()
 		if fatal != "" {
 			return nil, fmt.Errorf("worker exited before hello: %s (%s)", fatal, e)
 		}
@@ -372,7 +393,7 @@ func (p *Pool) onPong(s *slotState, m *ipc.Message) {
 
 // watch supervises a running worker until it exits; it returns the reason
 // the worker is replaced: crash, wedged, protocol, recycle or stop.
-func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog.Logger) string {
+func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.Logger) string {
 	tick := time.NewTicker(p.cfg.HeartbeatInterval)
 	defer tick.Stop()
 	var seq uint64
@@ -402,6 +423,7 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 				// sent any more, so the heartbeat must not call it wedged.
 				continue
 			}
+			p.watchRanks(s, proc)
 			now := p.now()
 			s.mu.Lock()
 			last := s.lastPong
@@ -444,6 +466,28 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 
 var errWedged = errors.New("worker wedged")
 
+// watchRanks records each rank of a group in the metrics (at every
+// heartbeat tick). A stopped rank (SIGSTOP) counts as down; what ends the
+// group then is the progress watchdog, since the leader blocks in a
+// collective as soon as it has work.
+func (p *Pool) watchRanks(s *slotState, g *Group) {
+	if g.Ranks() < 2 {
+		return
+	}
+	w := strconv.Itoa(s.id)
+	for _, r := range g.RankStatus() {
+		up := 0.0
+		if r.Alive && r.State != "stopped" && r.State != "zombie" {
+			up = 1
+		}
+		rank := strconv.Itoa(r.Rank)
+		p.m.WorkerRankUp.WithLabelValues(w, rank).Set(up)
+		if r.RSS > 0 {
+			p.m.WorkerRankMemory.WithLabelValues(w, rank).Set(float64(r.RSS))
+		}
+	}
+}
+
 // CanServe reports whether some slot may yet serve: one that is not given up
 // (failed) or stopped is ready, starting, backing off, or about to be
 // restarted. A request that arrives while every slot has failed is refused at
@@ -478,6 +522,9 @@ func (p *Pool) Status() []SlotStatus {
 				st.LastPongMS = float64(now.Sub(s.lastPong).Microseconds()) / 1000
 			}
 			st.RSS, st.MLXActive, st.MLXPeak = s.pong.RSS, s.pong.MemActive, s.pong.MemPeak
+			if s.proc.Ranks() > 1 {
+				st.Ranks = s.proc.RankStatus()
+			}
 		}
 		_, _, progress := p.router.WorkerLoad(s.id)
 		stalled := inflight > 0 && p.cfg.ProgressTimeout > 0 && now.Sub(progress) > p.cfg.ProgressTimeout

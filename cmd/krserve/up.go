@@ -35,6 +35,7 @@ type upConfig struct {
 	ConfigFile                string
 	Python, Host              string
 	Port, Workers             int
+	GroupSize                 int
 	MetricsAddr               string
 	LogFormat, LogLevel       string
 	LogPrompts                bool
@@ -111,6 +112,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.StringVar(&c.Host, "host", "127.0.0.1", "address to listen on; binding beyond loopback is an explicit choice")
 	f.IntVar(&c.Port, "port", 8080, "port to listen on")
 	f.IntVar(&c.Workers, "workers", 1, "worker processes")
+	f.IntVar(&c.GroupSize, "group-size", 1, "processes (ranks) each worker is split over with mlx.distributed (ring backend over loopback, tensor parallel with mlx-lm's sharded loading); the model's attention and KV heads must divide by it; the ranks are one crash domain: any rank's death or a stalled group restarts them all (README: A worker that is a group of ranks)")
 	f.StringVar(&c.MetricsAddr, "metrics-addr", "", "also serve /metrics on this address (e.g. 127.0.0.1:9090)")
 	f.StringVar(&c.LogFormat, "log-format", "text", "text or json")
 	f.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
@@ -228,6 +230,9 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.Workers < 1 {
 		return fmt.Errorf("--workers must be at least 1; got %d", c.Workers)
 	}
+	if c.GroupSize < 1 {
+		return fmt.Errorf("--group-size must be at least 1; got %d", c.GroupSize)
+	}
 	if parent == nil {
 		parent = context.Background()
 	}
@@ -317,6 +322,11 @@ func runUp(parent context.Context, c upConfig) error {
 		}
 		if s.Workers < 1 || s.BatchSize < 1 {
 			return fmt.Errorf("model %q: workers and batch_size must be at least 1; got %d and %d", s.Name, s.Workers, s.BatchSize)
+		}
+		if c.GroupSize > 1 && c.WorkerExec == "" {
+			if err := checkGroup(sigCtx, python, env, s.Path, c.GroupSize); err != nil {
+				return fmt.Errorf("model %q: %w", s.Name, err)
+			}
 		}
 		if est, detail, err := models.Estimate(models.EstimateInput{Dir: s.Path, Workers: s.Workers, Batch: max(s.BatchSize, c.TuneMax),
 			Dequantize: c.Dequantize, CPU: runtime.GOOS == "linux", Physical: physical}); err == nil {

@@ -2,37 +2,41 @@
 N processes with ``mlx.distributed`` and mlx-lm's sharded loading.
 
 The supervisor starts N processes per worker slot, each with ``MLX_RANK``,
-``MLX_HOSTFILE`` (the ring backend's JSON host file) and
-``KRSERVE_GROUP_DOORBELL`` (rank 0's address for the doorbell, below). Each
-loads its shard of the model with ``mlx_lm.utils.sharded_load`` (tensor
-parallel: the model class's ``shard``). Every rank runs the same engine loop
-(``worker.Worker``) on the same requests, so every rank calls the model with
-the same shapes in the same order, which is what the collectives inside the
-sharded layers need:
+``MLX_HOSTFILE`` (the ring backend's JSON host file), ``KRSERVE_GROUP_ADDR``
+(rank 0's control address) and ``KRSERVE_GROUP_TOKEN`` (a secret a follower
+shows rank 0). Each loads its shard of the model with
+``mlx_lm.utils.sharded_load`` (tensor parallel: the model class's ``shard``).
+Every rank runs the same engine loop (``worker.Worker``) on the same
+requests, so every rank calls the model with the same shapes in the same
+order, which is what the collectives inside the sharded layers need:
 
 - Rank 0 (``Leader``) is the worker the supervisor sees: it speaks the
-  protocol on stdio, its reader thread tokenizes, and at every loop it
-  broadcasts the queue items it took (gens with their prompt ids, cancels,
-  exit) to the others before handling them (``share``: an ``all_sum`` of the
-  pickled items, as ``mlx_lm.server`` does in distributed mode).
-- The other ranks (``Follower``) never touch the protocol channel: they take
-  their items from that broadcast, build the same samplers and grammar
-  matchers, run the same ``insert``/``next``/``remove`` and throw their frames
-  away.
+  protocol on stdio, its reader thread tokenizes, and at every loop it sends
+  the queue items it took (gens with their prompt ids, cancels, exit) to the
+  others before handling them (``share``).
+- The other ranks (``Follower``) never touch the protocol channel: each loop
+  they take rank 0's items, build the same samplers and grammar matchers, run
+  the same ``insert``/``next``/``remove`` and throw their frames away.
+
+The items travel over a TCP link from rank 0 to each follower (msgpack, one
+length-prefixed message per loop), not in a collective as ``mlx_lm.server``
+does (``_share_object``, an ``all_sum`` of pickled bytes). Two things measured
+here with mlx 0.32.4's ring backend decided it: (1) a collective on its own
+stream is not ordered with the model's collectives that ``BatchGenerator``
+leaves running asynchronously on the generation stream, and the ranks paired
+them differently (a follower read part of an activation as the message size);
+on the generation stream it would be ordered but would wait for the step in
+flight, losing the overlap of the next step with detokenizing; (2) a rank
+waiting in a collective spins a CPU core (3 s of CPU in a 3 s wait), so idle
+followers would burn a core each. A follower blocked on its link sleeps, and
+sees rank 0's death as EOF (it exits).
 
 Sampling is identical on every rank: the logits are (the ring's all-reduce
 gives every rank the same sum), greedy is an argmax, a seeded request draws
 from its own keys (sampling.SeededSampler), and unseeded sampling draws from
 the global ``mx.random`` state, which every rank seeds alike at start (rank 0
-picks the seed) and then advances by the same draws in the same order.
-
-Idle. A rank waiting inside a collective spins a CPU core (checked with mlx
-0.32.4's ring backend: 3 s of CPU in a 3 s wait), so while nothing runs the
-followers must not sit in the broadcast. The loop's state is the same on
-every rank, so every rank knows when rank 0 will block on its queue; then
-the followers block on a plain TCP socket to rank 0 (the doorbell) instead,
-and rank 0 writes one byte to each before its next broadcast. The doorbell
-also tells an idle follower that rank 0 died (EOF): it exits.
+picks the seed, shared with an ``all_sum``) and then advances by the same
+draws in the same order.
 
 What is off in a group: the lone-request fast path (generate_step is a
 different call sequence from the batch's) and ``--dequantize`` (the sharded
@@ -49,9 +53,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import socket
+import struct
 import time
+
+import msgpack
 
 from .worker import CONSTRAINT, Reader, Worker, log
 
@@ -65,7 +71,8 @@ class GroupError(Exception):
 def add_args(ap) -> None:
     ap.add_argument("--group-size", type=int, default=1,
                     help="ranks this worker is split over (tensor parallel with mlx.distributed; "
-                         "the supervisor sets MLX_RANK, MLX_HOSTFILE and KRSERVE_GROUP_DOORBELL)")
+                         "krserve up sets each rank's MLX_RANK, MLX_HOSTFILE, KRSERVE_GROUP_ADDR and "
+                         "KRSERVE_GROUP_TOKEN)")
 
 
 def _model_config(model_dir: str) -> dict:
@@ -141,18 +148,18 @@ class Group:
         self.mx = mx
         try:
             self.rank = int(os.environ["MLX_RANK"])
-            doorbell = _addr(os.environ["KRSERVE_GROUP_DOORBELL"])
+            self.address = _addr(os.environ["KRSERVE_GROUP_ADDR"])
+            self.token = os.environ["KRSERVE_GROUP_TOKEN"].encode()
             os.environ["MLX_HOSTFILE"]  # noqa: B018 - the ring backend reads it
         except (KeyError, ValueError) as e:
-            raise GroupError(f"a group rank needs MLX_RANK, MLX_HOSTFILE and KRSERVE_GROUP_DOORBELL "
-                             f"(set by krserve up --group-size): {e!r}") from e
+            raise GroupError("a group rank needs MLX_RANK, MLX_HOSTFILE, KRSERVE_GROUP_ADDR and "
+                             f"KRSERVE_GROUP_TOKEN (set by krserve up --group-size): {e!r}") from e
         self.size = size
-        self.bells: list[socket.socket] = []  # rank 0: one per follower
-        self.bell: socket.socket | None = None  # a follower: to rank 0
+        self.links: list[socket.socket] = []  # rank 0: one per follower
+        self.link = None  # a follower: its stream from rank 0
         self._listener = None
-        if self.rank == 0:
-            self._listener = socket.create_server(doorbell)
-        self.doorbell = doorbell
+        if self.rank == 0:  # bound before anyone can look for it
+            self._listener = socket.create_server(self.address)
         self.g = mx.distributed.init(strict=True, backend="ring")
         if self.g.size() != size or self.g.rank() != self.rank:
             raise GroupError(f"mlx.distributed gave rank {self.g.rank()} of {self.g.size()}, "
@@ -162,76 +169,73 @@ class Group:
     # -- start-up --
 
     def load(self, path: str):
-        """Load this rank's shard, then connect the doorbell and seed the
+        """Load this rank's shard, connect the control links and seed the
         random state alike on every rank."""
         from mlx_lm.utils import sharded_load
 
         model, tokenizer, config = sharded_load(path, tensor_group=self.g, return_config=True)
         self._connect()
         seed = int.from_bytes(os.urandom(4), "little") >> 1 if self.rank == 0 else 0
-        seed = self._all_sum(self.mx.array(seed, dtype=self.mx.int32)).item()
+        seed = self.mx.distributed.all_sum(self.mx.array(seed, dtype=self.mx.int32),
+                                           group=self.g, stream=self.mx.cpu).item()
         self.mx.random.seed(seed)
         return model, tokenizer, config
 
     def _connect(self, timeout: float = 120.0):
+        hello = self.token + b"\n"
         if self.rank == 0:
             self._listener.settimeout(timeout)
-            for _ in range(self.size - 1):
+            while len(self.links) < self.size - 1:
                 s, _ = self._listener.accept()
+                s.settimeout(5)
+                try:
+                    got = _recv_exact(s, len(hello))
+                except OSError:
+                    got = None
+                if got != hello:  # not one of ours
+                    s.close()
+                    continue
                 s.settimeout(None)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.bells.append(s)
+                self.links.append(s)
             self._listener.close()
             return
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.bell = socket.create_connection(self.doorbell, timeout=5)
-                self.bell.settimeout(None)
-                return
+                s = socket.create_connection(self.address, timeout=5)
+                break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        s.sendall(hello)
+        s.settimeout(None)
+        self.link = s.makefile("rb")
+        s.close()  # the file keeps the connection
 
     # -- every loop --
 
-    def _all_sum(self, x):
-        y = self.mx.distributed.all_sum(x, group=self.g, stream=self.mx.cpu)
-        self.mx.eval(y)
-        return y
-
     def share(self, items: list) -> None:
-        """Rank 0: send this loop's queue items to the other ranks."""
-        import numpy as np
+        """Rank 0: send this loop's queue items to every follower."""
+        data = msgpack.packb([_wire(i) for i in items], use_bin_type=True) if items else b""
+        frame = struct.pack(">I", len(data)) + data
+        for s in self.links:
+            s.sendall(frame)
 
-        wire = [_wire(i) for i in items]
-        data = pickle.dumps(wire, protocol=pickle.HIGHEST_PROTOCOL) if wire else b""
-        self._all_sum(self.mx.array(len(data), dtype=self.mx.int32))
-        if data:
-            self._all_sum(self.mx.array(np.frombuffer(data, dtype=np.uint8)))
-
-    def receive(self) -> list:
-        """A follower: rank 0's items for this loop."""
-        import numpy as np
-
-        n = self._all_sum(self.mx.array(0, dtype=self.mx.int32)).item()
+    def receive(self):
+        """A follower: rank 0's items for this loop (blocking, asleep), or
+        None when rank 0 is gone."""
+        head = self.link.read(4)
+        if len(head) < 4:
+            return None
+        (n,) = struct.unpack(">I", head)
         if n == 0:
             return []
-        data = self._all_sum(self.mx.zeros((n,), dtype=self.mx.uint8))
-        return pickle.loads(np.array(data, copy=False).tobytes())
-
-    def ring(self) -> None:
-        """Rank 0, after blocking idle: wake the followers."""
-        for s in self.bells:
-            s.sendall(b"\x01")
-
-    def wait(self) -> bool:
-        """A follower, idle: block until rank 0 rings; False if rank 0 is gone."""
-        try:
-            return self.bell.recv(1) == b"\x01"
-        except OSError:
-            return False
+        data = self.link.read(n)
+        if len(data) < n:
+            return None
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
 
     # -- the engine --
 
@@ -251,6 +255,16 @@ class Group:
         return w.run()
 
 
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 def _wire(item):
     """A queue item as it travels to the followers: a gen without its
     Constraint (a matcher is not picklable; each rank compiles its own)."""
@@ -266,8 +280,6 @@ class Leader(Worker):
 
     def take(self, idle: bool) -> list:
         items = super().take(idle)
-        if idle:
-            self.group.ring()  # the followers wait on the doorbell, not in the broadcast
         self.group.share(items)
         return items
 
@@ -279,9 +291,9 @@ class Follower(Worker):
         self.reader = reader
 
     def take(self, idle: bool) -> list:
-        if idle and not self.group.wait():
-            return [("exit", EXIT_LEADER_GONE, "rank 0 is gone (doorbell closed)")]
         items = self.group.receive()
+        if items is None:
+            return [("exit", EXIT_LEADER_GONE, "rank 0 is gone (its link closed)")]
         for item in items:
             if item[0] != "msgs":
                 continue
@@ -298,3 +310,26 @@ class Follower(Worker):
         except Exception as e:  # rank 0 compiled it: a difference here is a bug
             log(f"rank {self.group.rank}: compiling the grammar of {m.get('id')} failed: {e!r}")
             return None
+
+
+def _main(argv=None) -> int:
+    """``python -m krserve_worker.ranks --check DIR --group-size N``: what
+    ``krserve up --group-size`` runs before starting workers. Prints the
+    reason and exits 2 when the group cannot work."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m krserve_worker.ranks")
+    ap.add_argument("--check", required=True, metavar="DIR", help="model directory")
+    ap.add_argument("--group-size", type=int, required=True)
+    args = ap.parse_args(argv)
+    try:
+        cls = check(args.check, args.group_size)
+    except GroupError as e:
+        print(e, flush=True)
+        return 2
+    print(f"ok: {cls} shards over {args.group_size} ranks", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
