@@ -183,8 +183,8 @@ func (g *Group) groupExit() *Exit {
 // Ranks is how many processes the group has.
 func (g *Group) Ranks() int { return len(g.ranks) }
 
-// Send writes frames to the leader.
-func (g *Group) Send(frames []byte) error { return g.ranks[0].Send(frames) }
+// Leader is rank 0, the process that speaks the protocol.
+func (g *Group) Leader() *Process { return g.ranks[0] }
 
 // Done is closed once every rank has exited and its pipes are drained.
 func (g *Group) Done() <-chan struct{} { return g.done }

@@ -222,7 +222,7 @@ func (p *Pool) runSlot(ctx context.Context, s *slotState) {
 		s.failure = ""
 		s.mu.Unlock()
 		p.setState(s, StateReady)
-		p.router.AddWorker(s.id, proc)
+		p.router.AddWorker(s.id, proc.Leader()) // frames go to rank 0
 		reason := p.watch(ctx, s, proc, log)
 		exit := proc.Exit()
 		inflight, served, _ := p.router.WorkerLoad(s.id)
@@ -459,7 +459,7 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.L
 				outstanding = true
 			}
 			f, _ := ipc.AppendMessage(nil, &ipc.Message{T: ipc.TPing, Seq: seq})
-			_ = proc.Send(f)
+			_ = proc.Leader().Send(f)
 		}
 	}
 }
