@@ -61,7 +61,7 @@ import msgpack
 
 from .worker import CONSTRAINT, Reader, Worker, log
 
-EXIT_LEADER_GONE = 4
+EXIT_GROUP_BROKEN = 4  # a rank's peer vanished (its link closed)
 
 
 class GroupError(Exception):
@@ -280,7 +280,10 @@ class Leader(Worker):
 
     def take(self, idle: bool) -> list:
         items = super().take(idle)
-        self.group.share(items)
+        try:
+            self.group.share(items)
+        except OSError as e:  # a follower died; the supervisor ends the group
+            return [("exit", EXIT_GROUP_BROKEN, f"a follower is gone ({e!r})")]
         return items
 
 
@@ -293,7 +296,7 @@ class Follower(Worker):
     def take(self, idle: bool) -> list:
         items = self.group.receive()
         if items is None:
-            return [("exit", EXIT_LEADER_GONE, "rank 0 is gone (its link closed)")]
+            return [("exit", EXIT_GROUP_BROKEN, "rank 0 is gone (its link closed)")]
         for item in items:
             if item[0] != "msgs":
                 continue
