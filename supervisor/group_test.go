@@ -63,9 +63,9 @@ func TestGroupOfOneIsTheProcess(t *testing.T) {
 	if env := g.Leader().cmd.Env; strings.Contains(strings.Join(env, " "), "MLX_RANK") {
 		t.Errorf("a group of one got group environment: %v", env)
 	}
-	e := g.Stop(time.Second)
-	if !e.Intended || e.GroupSize != 0 || strings.Contains(e.String(), "rank") {
-		t.Errorf("exit %+v (%s)", e, e)
+	e := g.Stop(waitLimit)
+	if !e.Intended || e.GroupSize != 0 || strings.Contains(e.String(), "rank ") {
+		t.Errorf("exit %q: intended %v, group size %d, err %v", e, e.Intended, e.GroupSize, e.Err)
 	}
 }
 
@@ -164,8 +164,7 @@ func TestGroupStopIsIntended(t *testing.T) {
 
 func TestGroupFollowerFrames(t *testing.T) {
 	t.Run("speak", func(t *testing.T) {
-		g, frames, _ := startFakeGroup(t, 2, "ok,follower=speak")
-		waitHello(t, frames)
+		g, _, _ := startFakeGroup(t, 2, "ok,follower=speak") // the leader may die before its hello
 		e := waitGroup(t, g)
 		if e.Rank != 1 || !errors.Is(e.Err, ipc.ErrProtocol) || !strings.Contains(e.Err.Error(), "only rank 0 speaks") {
 			t.Fatalf("exit %+v (%s), want rank 1's protocol error", e, e)
@@ -213,5 +212,35 @@ func TestPoolRestartsGroupAfterFollowerDeath(t *testing.T) {
 	st = slot0(p)
 	if st.Restarts != 1 || st.LastExit == nil || st.LastExit.Reason != "crash" || st.LastExit.Signal != "SIGKILL" {
 		t.Fatalf("after a follower's death: %+v", st)
+	}
+}
+
+// A follower stopped while the group is idle: nothing waits on it yet, but
+// the pool ends the group once it has been stopped for the heartbeat timeout.
+func TestPoolKillsGroupWithStoppedFollower(t *testing.T) {
+	pl := newPlan(t, "ok")
+	cfg := testConfig(pl)
+	cfg.GroupSize = 2
+	cfg.HeartbeatTimeout = 300 * time.Millisecond
+	r := newFakeRouter()
+	p := NewPool(cfg, r, newMetrics(), testLog())
+	stop := runPool(t, p)
+	defer stop()
+	r.waitCount(t, "add", 1)
+	st := slot0(p)
+	follower := st.Ranks[1].PID
+	if err := syscall.Kill(follower, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Kill(follower, syscall.SIGCONT) //nolint:errcheck // gone once the test passes
+	eventually(t, "a rank shown stopped", func() bool {
+		rs := slot0(p).Ranks
+		return len(rs) == 2 && rs[1].PID == follower && rs[1].State == "stopped" || slot0(p).Restarts > 0
+	})
+	r.waitCount(t, "add", 2)
+	assertGone(t, follower)
+	st = slot0(p)
+	if st.LastExit == nil || st.LastExit.Reason != "wedged" || !strings.Contains(st.LastExit.Cause, "rank 1 stopped (SIGSTOP)") {
+		t.Fatalf("last exit %+v, want the group wedged by its stopped rank 1", st.LastExit)
 	}
 }

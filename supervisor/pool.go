@@ -400,6 +400,7 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.L
 	var pingAt time.Time
 	var outstanding bool
 	recycling, stopping := false, false
+	stoppedSince := map[int]time.Time{} // a group's ranks seen stopped (SIGSTOP), since when
 	for {
 		select {
 		case <-proc.Done():
@@ -423,8 +424,11 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.L
 				// sent any more, so the heartbeat must not call it wedged.
 				continue
 			}
-			p.watchRanks(s, proc)
 			now := p.now()
+			if err := p.watchRanks(s, proc, now, stoppedSince); err != nil {
+				proc.Kill(err)
+				continue
+			}
 			s.mu.Lock()
 			last := s.lastPong
 			pong := s.pong
@@ -467,14 +471,18 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.L
 var errWedged = errors.New("worker wedged")
 
 // watchRanks records each rank of a group in the metrics (at every
-// heartbeat tick). A stopped rank (SIGSTOP) counts as down; what ends the
-// group then is the progress watchdog, since the leader blocks in a
-// collective as soon as it has work.
-func (p *Pool) watchRanks(s *slotState, g *Group) {
+// heartbeat tick) and returns why the group must be killed, if it must: a
+// follower stopped (SIGSTOP, a debugger) for longer than the heartbeat
+// timeout, as rank 0 would be for not answering its heartbeats. Followers
+// answer no heartbeat, and one stopped while requests run blocks rank 0 in a
+// collective, which the progress watchdog catches; this catches it while the
+// group is idle, before a request waits on it.
+func (p *Pool) watchRanks(s *slotState, g *Group, now time.Time, stoppedSince map[int]time.Time) error {
 	if g.Ranks() < 2 {
-		return
+		return nil
 	}
 	w := strconv.Itoa(s.id)
+	var wedged error
 	for _, r := range g.RankStatus() {
 		up := 0.0
 		if r.Alive && r.State != "stopped" && r.State != "zombie" {
@@ -485,7 +493,18 @@ func (p *Pool) watchRanks(s *slotState, g *Group) {
 		if r.RSS > 0 {
 			p.m.WorkerRankMemory.WithLabelValues(w, rank).Set(float64(r.RSS))
 		}
+		if r.State != "stopped" {
+			delete(stoppedSince, r.Rank)
+			continue
+		}
+		since, seen := stoppedSince[r.Rank]
+		if !seen {
+			stoppedSince[r.Rank] = now
+		} else if d := now.Sub(since); d > p.cfg.HeartbeatTimeout && wedged == nil {
+			wedged = fmt.Errorf("%w: rank %d stopped (SIGSTOP) for %s", errWedged, r.Rank, d.Round(time.Millisecond))
+		}
 	}
+	return wedged
 }
 
 // CanServe reports whether some slot may yet serve: one that is not given up
