@@ -122,6 +122,9 @@ def start(args):
         return None
     check(args.model, size)
     args.single_fast_path = False
+    if args.dequantize != "off":
+        log(f"group of {size} ranks: weights stay as stored (--dequantize {args.dequantize} is "
+            "not applied to sharded layers); the lone-request fast path is off")
     args.dequantize = "off"
     return Group(size)
 
