@@ -121,6 +121,24 @@ def test_group_matches_one_process(group, want):
         assert f'krserve_worker_rank_up{{model="tiny",rank="{rank}",worker="0"}} 1' in metrics, metrics
 
 
+def test_unseeded_sampling_stays_in_step(group, want):
+    """Unseeded sampling draws from each rank's global random state: the ranks
+    seed it alike and draw alike, so they sample the same tokens. A follower
+    that sampled otherwise would exit (its token digest differs from rank
+    0's) and restart the group."""
+    greedy, _ = want
+    _, before = group.get("/stats")
+    with cf.ThreadPoolExecutor(6) as ex:
+        sampled = [ex.submit(group.post, "/v1/completions", body(f"Sample {i}", 48, temperature=1.0, top_k=50))
+                   for i in range(4)]
+        plain = ex.submit(group.post, "/v1/completions", body(PROMPTS[2], N))
+        assert all(f.result(120)[0] == 200 for f in sampled)
+        assert plain.result(120)[1]["choices"][0]["text"] == greedy[PROMPTS[2]]
+    _, after = group.get("/stats")
+    assert after["workers"][0]["starts"] == before["workers"][0]["starts"], group.log()[-3000:]
+    assert "RankDivergedError" not in group.log()
+
+
 def test_idle_followers_sleep(group):
     """An idle follower waits on its link to rank 0, not spinning in a collective."""
     rs = wait_group_up(group, [])

@@ -83,11 +83,44 @@ def test_link_round_trip():
     follower.link = b.makefile("rb")
     gen = {"t": "gen", "id": 7, "_prompt_ids": [1, 2, 3], "logit_bias": {5: -1.0}, "temperature": 0.5,
            "messages": [{"role": "user", "content": "héllo"}], CONSTRAINT: None}
-    leader.share([])
-    leader.share([("msgs", [gen])])
-    leader.share([("exit", 0, "shutdown")])
-    assert follower.receive() == []
-    assert follower.receive() == [["msgs", [{k: v for k, v in gen.items() if k != CONSTRAINT}]]]
-    assert follower.receive() == [["exit", 0, "shutdown"]]
+    leader.share([], 0)
+    leader.share([("msgs", [gen])], 17)
+    leader.share([("exit", 0, "shutdown")], 2**60)
+    assert follower.receive() == (0, [])
+    assert follower.receive() == (17, [["msgs", [{k: v for k, v in gen.items() if k != CONSTRAINT}]]])
+    assert follower.receive() == (2**60, [["exit", 0, "shutdown"]])
     a.close()
     assert follower.receive() is None
+
+
+class _Req:
+    def __init__(self, rid):
+        self.p = type("P", (), {"id": rid})()
+
+
+def test_a_follower_that_sampled_otherwise_exits():
+    """The token digest: the same tokens in the same order give the same
+    digest; one other token makes the follower leave with EXIT_DIVERGED."""
+
+    class Base:
+        def on_token(self, req, token, finish_reason, out, lp=None):
+            pass
+
+    class Rank(ranks._Digest, Base):
+        pass
+
+    a, b = Rank(), Rank()
+    for rid, tok in [(1, 5), (2, 9), (1, 6)]:
+        a.on_token(_Req(rid), tok, None, [])
+        b.on_token(_Req(rid), tok, None, [])
+    assert a.digest == b.digest != 0
+    b.on_token(_Req(2, ), 10, None, [])
+    a.on_token(_Req(2), 11, None, [])
+    assert a.digest != b.digest
+
+    f = ranks.Follower.__new__(ranks.Follower)
+    f.digest = b.digest
+    f.group = type("G", (), {"rank": 1, "receive": lambda self: (a.digest, [["msgs", []]])})()
+    assert f.take(idle=False) == [("exit", ranks.EXIT_DIVERGED, "diverged from rank 0")]
+    f.group.receive = lambda: (b.digest, [["msgs", []]])
+    assert f.take(idle=False) == [["msgs", []]]

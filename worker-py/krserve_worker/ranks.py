@@ -62,6 +62,7 @@ import msgpack
 from .worker import CONSTRAINT, Reader, Worker, log
 
 EXIT_GROUP_BROKEN = 4  # a rank's peer vanished (its link closed)
+EXIT_DIVERGED = 5  # a follower sampled other tokens than rank 0
 
 
 class GroupError(Exception):
@@ -219,26 +220,26 @@ class Group:
 
     # -- every loop --
 
-    def share(self, items: list) -> None:
-        """Rank 0: send this loop's queue items to every follower."""
-        data = msgpack.packb([_wire(i) for i in items], use_bin_type=True) if items else b""
+    def share(self, items: list, digest: int) -> None:
+        """Rank 0: send this loop's queue items to every follower, with the
+        digest of every token it has sampled so far."""
+        data = msgpack.packb([digest, [_wire(i) for i in items]], use_bin_type=True)
         frame = struct.pack(">I", len(data)) + data
         for s in self.links:
             s.sendall(frame)
 
     def receive(self):
-        """A follower: rank 0's items for this loop (blocking, asleep), or
-        None when rank 0 is gone."""
+        """A follower: rank 0's token digest and items for this loop
+        (blocking, asleep), or None when rank 0 is gone."""
         head = self.link.read(4)
         if len(head) < 4:
             return None
         (n,) = struct.unpack(">I", head)
-        if n == 0:
-            return []
         data = self.link.read(n)
         if len(data) < n:
             return None
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        digest, items = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return digest, items
 
     # -- the engine --
 
@@ -276,7 +277,21 @@ def _wire(item):
     return ("msgs", [{k: v for k, v in m.items() if k != CONSTRAINT} for m in item[1]])
 
 
-class Leader(Worker):
+class _Digest:
+    """A running digest of every (request, token) this rank sampled, in order.
+    Rank 0 sends its own with each loop's items and a follower compares: ranks
+    that sampled differently (a bug, or randomness that is not shared) would
+    otherwise go on silently, their caches apart, until their steps no longer
+    match; a follower that sees it exits instead and the group restarts."""
+
+    digest = 0
+
+    def on_token(self, req, token: int, finish_reason, out, lp=None):
+        self.digest = (self.digest * 1000003 + req.p.id * 65599 + int(token) + 1) % (1 << 61)
+        return super().on_token(req, token, finish_reason, out, lp)
+
+
+class Leader(_Digest, Worker):
     def __init__(self, group: Group, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group = group
@@ -284,22 +299,27 @@ class Leader(Worker):
     def take(self, idle: bool) -> list:
         items = super().take(idle)
         try:
-            self.group.share(items)
+            self.group.share(items, self.digest)
         except OSError as e:  # a follower died; the supervisor ends the group
             return [("exit", EXIT_GROUP_BROKEN, f"a follower is gone ({e!r})")]
         return items
 
 
-class Follower(Worker):
+class Follower(_Digest, Worker):
     def __init__(self, group: Group, reader: Reader, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group = group
         self.reader = reader
 
     def take(self, idle: bool) -> list:
-        items = self.group.receive()
-        if items is None:
+        got = self.group.receive()
+        if got is None:
             return [("exit", EXIT_GROUP_BROKEN, "rank 0 is gone (its link closed)")]
+        digest, items = got
+        if digest != self.digest:
+            log(f"RankDivergedError: rank {self.group.rank} sampled other tokens than rank 0 "
+                f"(digest {self.digest:x}, rank 0's {digest:x}); exiting so the group restarts")
+            return [("exit", EXIT_DIVERGED, "diverged from rank 0")]
         for item in items:
             if item[0] != "msgs":
                 continue
