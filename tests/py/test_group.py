@@ -42,18 +42,45 @@ def body(prompt, n, stream=False, **kw):
 
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=7)
 
+# Constrained requests: each rank compiles the grammar and masks its logits.
+ASK = [{"role": "user", "content": "Describe a fictional person."}]
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["name", "age"], "additionalProperties": False}}}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}}
+CONSTRAINED = [
+    {"model": "default", "messages": ASK, "max_tokens": 120, "temperature": 0, "response_format": SCHEMA},
+    {"model": "default", "messages": ASK, "max_tokens": 60, "temperature": 0, "tools": [TOOL],
+     "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+]
+
+
+def constrained(server):
+    out = []
+    for b in CONSTRAINED:
+        status, r = server.post("/v1/chat/completions", b)
+        assert status == 200, r
+        msg = r["choices"][0]["message"]
+        for c in msg.get("tool_calls") or []:
+            c.pop("id")  # named after the request: differs between servers
+        out.append(msg)
+    return out
+
 
 @pytest.fixture(scope="module")
 def want(model_dir):
-    """What one process answers: each prompt greedy, and one seeded sample."""
+    """What one process answers: each prompt greedy, one seeded sample, the
+    constrained requests."""
     s = Server(model_dir)
     try:
         with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
             texts = list(ex.map(lambda p: s.post("/v1/completions", body(p, N))[1]["choices"][0]["text"], PROMPTS))
         _, seeded = s.post("/v1/completions", body(PROMPTS[0], 40, **SEEDED))
+        cons = constrained(s)
     finally:
         assert s.stop() == 0, s.log()
-    return dict(zip(PROMPTS, texts)), seeded["choices"][0]["text"]
+    return dict(zip(PROMPTS, texts)), seeded["choices"][0]["text"], cons
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +130,7 @@ def stream(url, b, on_chunk=None):
 
 
 def test_group_matches_one_process(group, want):
-    greedy, seeded = want
+    greedy, seeded, _ = want
     rs = ranks(group)
     assert [r["rank"] for r in rs] == [0, 1] and all(r["alive"] for r in rs), rs
     _, st = group.get("/stats")
@@ -121,12 +148,21 @@ def test_group_matches_one_process(group, want):
         assert f'krserve_worker_rank_up{{model="tiny",rank="{rank}",worker="0"}} 1' in metrics, metrics
 
 
+def test_constrained_output_matches_one_process(group, want):
+    """A JSON schema and a forced tool call: every rank builds the same matcher."""
+    got = constrained(group)
+    assert got == want[2]
+    assert json.loads(got[0]["content"]).keys() == {"name", "age"}
+    assert got[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert all(r["alive"] for r in ranks(group)) and "RankDivergedError" not in group.log()
+
+
 def test_unseeded_sampling_stays_in_step(group, want):
     """Unseeded sampling draws from each rank's global random state: the ranks
     seed it alike and draw alike, so they sample the same tokens. A follower
     that sampled otherwise would exit (its token digest differs from rank
     0's) and restart the group."""
-    greedy, _ = want
+    greedy, *_ = want
     _, before = group.get("/stats")
     with cf.ThreadPoolExecutor(6) as ex:
         sampled = [ex.submit(group.post, "/v1/completions", body(f"Sample {i}", 48, temperature=1.0, top_k=50))
@@ -156,7 +192,7 @@ def test_idle_followers_sleep(group):
 
 @pytest.mark.parametrize("rank", [0, 1], ids=["leader", "follower"])
 def test_kill_rank_mid_stream(group, want, rank):
-    greedy, _ = want
+    greedy, *_ = want
     old = wait_group_up(group, [])
     pids = [r["pid"] for r in old]
     victim = pids[rank]
@@ -184,7 +220,7 @@ def test_kill_rank_mid_stream(group, want, rank):
 
 
 def test_stopped_follower_is_caught_by_the_watchdog(group, want):
-    greedy, _ = want
+    greedy, *_ = want
     pids = [r["pid"] for r in wait_group_up(group, [])]
     stopped = []
 
