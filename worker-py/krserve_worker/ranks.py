@@ -36,7 +36,8 @@ gives every rank the same sum), greedy is an argmax, a seeded request draws
 from its own keys (sampling.SeededSampler), and unseeded sampling draws from
 the global ``mx.random`` state, which every rank seeds alike at start (rank 0
 picks the seed, shared with an ``all_sum``) and then advances by the same
-draws in the same order.
+draws in the same order. Each loop's message carries a digest of every token rank 0
+sampled (``_Digest``); a follower whose own differs exits rather than go on.
 
 What is off in a group: the lone-request fast path (generate_step is a
 different call sequence from the batch's) and ``--dequantize`` (the sharded
