@@ -28,10 +28,17 @@ type modelRuntime struct {
 	wg     sync.WaitGroup
 }
 
-// MemoryBytes is the resident memory its workers report (their last pong).
+// MemoryBytes is the resident memory its workers report (their last pong);
+// for a worker that is a group of ranks, every rank's.
 func (r *modelRuntime) MemoryBytes() int64 {
 	var n int64
 	for _, s := range r.Pool.Status() {
+		if len(s.Ranks) > 0 {
+			for _, rk := range s.Ranks {
+				n += rk.RSS
+			}
+			continue
+		}
 		n += s.RSS
 	}
 	return n
