@@ -42,17 +42,13 @@ type Group struct {
 	tempDir string // the host file's directory, removed at the end
 }
 
-// GroupEnv are the environment variables the supervisor sets on each rank of
-// a group of more than one.
-var GroupEnv = []string{"MLX_RANK", "MLX_HOSTFILE", "KRSERVE_GROUP_ADDR", "KRSERVE_GROUP_TOKEN"}
-
 // StartGroup starts size ranks of cmd (size 1: the plain worker, nothing
 // added). For more, it writes a ring host file of free loopback ports and
 // gives each rank MLX_RANK, MLX_HOSTFILE, KRSERVE_GROUP_ADDR (the leader's
 // control address, where followers take each step's work) and
-// KRSERVE_GROUP_TOKEN (a fresh secret the followers show it). onMsg hears the leader's frames; a follower
-// that writes a frame is broken, except a fatal error report (id 0), which
-// onFatal hears.
+// KRSERVE_GROUP_TOKEN (a fresh secret the followers show it). onMsg hears
+// the leader's frames; a follower that writes a frame is broken, except a
+// fatal error report (id 0), which onFatal hears.
 func StartGroup(id, size int, cmd Command, log *slog.Logger, onMsg func(*ipc.Message) error, onFatal func(rank int, msg string)) (*Group, error) {
 	if size <= 1 {
 		p, err := Start(id, cmd, log, onMsg)
