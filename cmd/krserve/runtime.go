@@ -99,10 +99,10 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 		err  error
 	}
 	failures := make(chan startFailure, 64)
-	env := blasThreads(b.env, runtime.NumCPU(), spec.Workers*max(c.GroupSize, 1))
+	env := blasThreads(b.env, runtime.NumCPU(), spec.Workers*max(spec.GroupSize, 1))
 	pcfg := supervisor.DefaultConfig()
 	pcfg.Workers = spec.Workers
-	pcfg.GroupSize = c.GroupSize
+	pcfg.GroupSize = spec.GroupSize
 	pcfg.StartTimeout, pcfg.HeartbeatInterval, pcfg.HeartbeatTimeout = c.StartTimeout, c.Heartbeat, c.HeartbeatLimit
 	pcfg.ProgressTimeout, pcfg.StopGrace = c.ProgressTimeout, c.StopGrace
 	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20
@@ -116,8 +116,8 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 		args := []string{"-m", "krserve_worker", "--model", spec.Path,
 			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep),
 			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
-		if c.GroupSize > 1 {
-			args = append(args, "--group-size", strconv.Itoa(c.GroupSize))
+		if spec.GroupSize > 1 {
+			args = append(args, "--group-size", strconv.Itoa(spec.GroupSize))
 		}
 		if c.WorkerExec != "" {
 			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
