@@ -244,3 +244,30 @@ func TestPoolKillsGroupWithStoppedFollower(t *testing.T) {
 		t.Fatalf("last exit %+v, want the group wedged by its stopped rank 1", st.LastExit)
 	}
 }
+
+// A follower that fails to load (its fatal error frame, then exit) fails the
+// group's start, with that rank's reason.
+func TestPoolGroupStartFailureNamesTheRank(t *testing.T) {
+	pl := newPlan(t, "slow-start,follower=fatal")
+	cfg := testConfig(pl)
+	cfg.GroupSize = 2
+	failures := make(chan error, 4)
+	cfg.OnStartFailure = func(slot int, err error) {
+		select {
+		case failures <- err:
+		default:
+		}
+	}
+	p := NewPool(cfg, newFakeRouter(), newMetrics(), testLog())
+	stop := runPool(t, p)
+	defer stop()
+	select {
+	case err := <-failures:
+		want := "worker exited before hello: rank 1: rank cannot load its shard (rank 1 of 2 exited with status 1"
+		if !strings.HasPrefix(err.Error(), want) {
+			t.Fatalf("start failure %q, want it to start with %q", err, want)
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("no start failure")
+	}
+}
