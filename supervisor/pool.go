@@ -425,7 +425,8 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.L
 				continue
 			}
 			now := p.now()
-			if err := p.watchRanks(s, proc, now, stoppedSince); err != nil {
+			rankRSS, err := p.watchRanks(s, proc, now, stoppedSince)
+			if err != nil {
 				proc.Kill(err)
 				continue
 			}
@@ -446,11 +447,12 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.L
 				proc.Kill(fmt.Errorf("%w: %d requests in flight and no token for %s", errWedged, inflight, now.Sub(progress).Round(time.Millisecond)))
 				continue
 			}
-			if !recycling && ((p.cfg.RecycleRequests > 0 && served >= p.cfg.RecycleRequests) || (p.cfg.RecycleRSS > 0 && pong.RSS > p.cfg.RecycleRSS)) {
+			rss := max(pong.RSS, rankRSS) // a group recycles when any rank is past the limit
+			if !recycling && ((p.cfg.RecycleRequests > 0 && served >= p.cfg.RecycleRequests) || (p.cfg.RecycleRSS > 0 && rss > p.cfg.RecycleRSS)) {
 				recycling = true
 				p.setState(s, StateDraining)
 				p.router.SetDraining(s.id)
-				log.Info("recycling worker", "served", served, "rss", pong.RSS)
+				log.Info("recycling worker", "served", served, "rss", rss)
 			}
 			if recycling && inflight == 0 {
 				stopping = true
@@ -471,18 +473,20 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.L
 var errWedged = errors.New("worker wedged")
 
 // watchRanks records each rank of a group in the metrics (at every
-// heartbeat tick) and returns why the group must be killed, if it must: a
+// heartbeat tick) and returns the largest rank's resident memory and why
+// the group must be killed, if it must: a
 // follower stopped (SIGSTOP, a debugger) for longer than the heartbeat
 // timeout, as rank 0 would be for not answering its heartbeats. Followers
 // answer no heartbeat, and one stopped while requests run blocks rank 0 in a
 // collective, which the progress watchdog catches; this catches it while the
 // group is idle, before a request waits on it.
-func (p *Pool) watchRanks(s *slotState, g *Group, now time.Time, stoppedSince map[int]time.Time) error {
+func (p *Pool) watchRanks(s *slotState, g *Group, now time.Time, stoppedSince map[int]time.Time) (int64, error) {
 	if g.Ranks() < 2 {
-		return nil
+		return 0, nil
 	}
 	w := strconv.Itoa(s.id)
 	var wedged error
+	var maxRSS int64
 	for _, r := range g.RankStatus() {
 		up := 0.0
 		if r.Alive && r.State != "stopped" && r.State != "zombie" {
@@ -493,6 +497,7 @@ func (p *Pool) watchRanks(s *slotState, g *Group, now time.Time, stoppedSince ma
 		if r.RSS > 0 {
 			p.m.WorkerRankMemory.WithLabelValues(w, rank).Set(float64(r.RSS))
 		}
+		maxRSS = max(maxRSS, r.RSS)
 		if r.State != "stopped" {
 			delete(stoppedSince, r.Rank)
 			continue
@@ -504,7 +509,7 @@ func (p *Pool) watchRanks(s *slotState, g *Group, now time.Time, stoppedSince ma
 			wedged = fmt.Errorf("%w: rank %d stopped (SIGSTOP) for %s", errWedged, r.Rank, d.Round(time.Millisecond))
 		}
 	}
-	return wedged
+	return maxRSS, wedged
 }
 
 // CanServe reports whether some slot may yet serve: one that is not given up
