@@ -108,6 +108,14 @@ def wait_group_up(server, old_pids, timeout=120):
     raise AssertionError(f"no new group within {timeout}s: {ranks(server)}\n{server.log()[-4000:]}")
 
 
+def resumed_total(server) -> float:
+    with urllib.request.urlopen(server.url + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("krserve_requests_resumed_total"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def stream(url, b, on_chunk=None):
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(b).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -203,11 +211,13 @@ def test_kill_rank_mid_stream(group, want, rank):
             killed.append(victim)
             os.kill(victim, signal.SIGKILL)
 
+    resumed = resumed_total(group)
     with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
         futs = {p: ex.submit(stream, group.url, body(p, N, True), on_chunk if p == PROMPTS[0] else None)
                 for p in PROMPTS}
         got = {p: f.result(240) for p, f in futs.items()}
     assert killed == [victim]
+    assert resumed_total(group) > resumed, "the kill did not land mid-stream"
     for p in PROMPTS:
         assert got[p] == (greedy[p], "length"), p
     wait_group_up(group, pids)
@@ -229,6 +239,7 @@ def test_stopped_follower_is_caught_by_the_watchdog(group, want):
             stopped.append(pids[1])
             os.kill(pids[1], signal.SIGSTOP)
 
+    resumed = resumed_total(group)
     try:
         text, finish = stream(group.url, body(PROMPTS[1], N, True), on_chunk)
     finally:
@@ -236,6 +247,7 @@ def test_stopped_follower_is_caught_by_the_watchdog(group, want):
             os.kill(stopped[0], signal.SIGCONT)
     assert stopped
     assert (text, finish) == (greedy[PROMPTS[1]], "length")
+    assert resumed_total(group) > resumed, "the stop did not land mid-stream"
     wait_group_up(group, pids)
     assert not any(pid_alive(p) for p in pids)
     _, st = group.get("/stats")
