@@ -104,8 +104,13 @@ def check(model_dir: str, size: int) -> str:
                 f"the model has {heads} attention heads and {kv} KV heads: a group of {size} "
                 f"ranks must divide both (group sizes that fit: {', '.join(map(str, ok))})")
     try:
-        from mlx_lm.utils import _get_classes
+        try:  # mlx-lm's own lookup (model_type remappings included); private, so
+            from mlx_lm.utils import _get_classes
+        except ImportError:  # a later mlx-lm may move it: the module by its type
+            import importlib
 
+            def _get_classes(c):
+                return importlib.import_module(f"mlx_lm.models.{c['model_type']}").Model, None
         cls, _ = _get_classes(cfg)
     except Exception as e:
         raise GroupError(f"mlx-lm does not know this model ({type(e).__name__}: {e})") from e
