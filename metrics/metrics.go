@@ -160,6 +160,8 @@ type Metrics struct {
 	WorkerExits         *prometheus.CounterVec // signal: SIGSEGV|SIGKILL|...|none ; code: exit code as string or ""
 	WorkerStartDuration prometheus.Histogram
 	WorkerMemory        *prometheus.GaugeVec // worker, kind: rss|mlx_active|mlx_peak
+	WorkerRankUp        *prometheus.GaugeVec // worker, rank: a group's ranks (--group-size > 1)
+	WorkerRankMemory    *prometheus.GaugeVec // worker, rank: resident set of each rank
 
 	RequestsRetried   prometheus.Counter
 	RequestsResumed   prometheus.Counter
@@ -322,6 +324,12 @@ func newOn(registry *prometheus.Registry, model ModelInfo, build BuildInfo) *Met
 	m.WorkerMemory = gaugeVec("worker_memory_bytes",
 		"Worker memory by kind: rss (resident set of the process), mlx_active (MLX active memory), mlx_peak (MLX peak memory).",
 		"worker", "kind")
+	m.WorkerRankUp = gaugeVec("worker_rank_up",
+		"For a worker that is a group of ranks (--group-size > 1): 1 if the rank's process is alive and not stopped, 0 otherwise.",
+		"worker", "rank")
+	m.WorkerRankMemory = gaugeVec("worker_rank_memory_bytes",
+		"For a worker that is a group of ranks (--group-size > 1): resident set of each rank's process (Linux /proc).",
+		"worker", "rank")
 
 	// Resilience.
 	m.RequestsRetried = counter("requests_retried_total",

@@ -50,6 +50,8 @@ var wantFamilies = map[string]dto.MetricType{
 	"krserve_worker_exits_total":            dto.MetricType_COUNTER,
 	"krserve_worker_start_duration_seconds": dto.MetricType_HISTOGRAM,
 	"krserve_worker_memory_bytes":           dto.MetricType_GAUGE,
+	"krserve_worker_rank_up":                dto.MetricType_GAUGE,
+	"krserve_worker_rank_memory_bytes":      dto.MetricType_GAUGE,
 	"krserve_requests_retried_total":        dto.MetricType_COUNTER,
 	"krserve_requests_resumed_total":        dto.MetricType_COUNTER,
 	"krserve_requests_suspected_total":      dto.MetricType_COUNTER,
@@ -71,6 +73,8 @@ func touch(m *Metrics) {
 	m.WorkerUp.WithLabelValues("0").Set(1)
 	m.WorkerMemory.WithLabelValues("0", "rss").Set(1 << 30)
 	m.PromptCacheBytes.WithLabelValues("0").Set(1 << 20)
+	m.WorkerRankUp.WithLabelValues("0", "1").Set(1)
+	m.WorkerRankMemory.WithLabelValues("0", "1").Set(1 << 29)
 	m.WorkerExits.WithLabelValues("SIGSEGV", "").Inc()
 	m.TTFT.Observe(0.0123)
 	m.GenerationTokens.Add(5)

@@ -57,6 +57,7 @@ type Spec struct {
 	Aliases   []string
 	Workers   int
 	BatchSize int
+	GroupSize int // processes per worker (a group of ranks); 0 or 1: one
 	// TTL is how long the model stays loaded once idle: Never (negative),
 	// 0 (unload as soon as the last request ends) or a duration. A request's
 	// keep_alive replaces it for that idle period.

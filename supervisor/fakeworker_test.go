@@ -31,7 +31,8 @@ package supervisor
 //
 // Options: k, sig (SEGV, ABRT, KILL, BUS), code, delay, tokdelay (between
 // tokens), on (ping or gen: what triggers a garbage mode), rss (pong rss),
-// cache (pong cache), evict (pong evicted grows by this much a ping).
+// cache (pong cache), evict (pong evicted grows by this much a ping),
+// follower (speak or fatal: what a group's follower does, see runFake).
 //
 // The gen stream is deterministic: token i of a request with prompt p has id
 // p[0]+i and text "t<i> ". A gen with text or messages instead of prompt ids
@@ -192,6 +193,24 @@ func runFake(spec string) int {
 	mode, opt := parseSpec(spec)
 	f := &fakeWorker{mode: mode, opt: opt, out: os.Stdout, cancels: map[uint64]chan struct{}{}}
 	pid := os.Getpid()
+
+	// A follower of a group (MLX_RANK > 0) never speaks the protocol: it
+	// reports its environment on stderr and runs until its stdin closes
+	// (the group's stop: a real follower exits on its leader's word), then
+	// exits 0 (follower=speak: it sends a pong anyway; follower=fatal: it
+	// reports a fatal error and exits 1).
+	if r := os.Getenv("MLX_RANK"); r != "" && r != "0" {
+		logf("pid=%d rank=%s hostfile=%s addr=%s", pid, r, os.Getenv("MLX_HOSTFILE"), os.Getenv("KRSERVE_GROUP_ADDR"))
+		switch opt["follower"] {
+		case "speak":
+			f.send(&ipc.Message{T: ipc.TPong, Seq: 1})
+		case "fatal":
+			f.send(&ipc.Message{T: ipc.TError, Code: "internal", Msg: "rank cannot load its shard"})
+			return 1
+		}
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		return 0
+	}
 
 	switch mode {
 	case "linger":

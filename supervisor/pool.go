@@ -26,8 +26,11 @@ type Router interface {
 
 // Config holds the pool's settings.
 type Config struct {
-	Workers           int
-	Command           func(slot int) Command
+	Workers int
+	Command func(slot int) Command
+	// GroupSize: processes per worker (a group of ranks, Group); 0 or 1 is
+	// one process. Each rank runs Command with its rank's environment.
+	GroupSize         int
 	StartTimeout      time.Duration // from spawn to hello
 	HeartbeatInterval time.Duration
 	HeartbeatTimeout  time.Duration // no pong for this long: wedged
@@ -88,25 +91,28 @@ type ExitRecord struct {
 
 // SlotStatus is a snapshot of one slot.
 type SlotStatus struct {
-	Slot       int     `json:"slot"`
-	State      string  `json:"state"`
-	PID        int     `json:"pid,omitempty"`
-	UptimeS    float64 `json:"uptime_seconds"`
-	Starts     int     `json:"starts"`
-	Restarts   int     `json:"restarts"`
-	Served     int     `json:"requests_served"`
-	Inflight   int     `json:"requests_in_flight"`
-	LastPongMS float64 `json:"last_heartbeat_ms_ago,omitempty"`
-	RSS        int64   `json:"rss_bytes,omitempty"`
-	MLXActive  int64   `json:"mlx_active_bytes,omitempty"`
-	MLXPeak    int64   `json:"mlx_peak_bytes,omitempty"`
+	Slot       int         `json:"slot"`
+	State      string      `json:"state"`
+	PID        int         `json:"pid,omitempty"`
+	UptimeS    float64     `json:"uptime_seconds"`
+	Starts     int         `json:"starts"`
+	Restarts   int         `json:"restarts"`
+	Served     int         `json:"requests_served"`
+	Inflight   int         `json:"requests_in_flight"`
+	LastPongMS float64     `json:"last_heartbeat_ms_ago,omitempty"`
+	RSS        int64       `json:"rss_bytes,omitempty"`
+	MLXActive  int64       `json:"mlx_active_bytes,omitempty"`
+	MLXPeak    int64       `json:"mlx_peak_bytes,omitempty"`
+	Score      float64     `json:"failure_score"`
+	Failure    string      `json:"failure,omitempty"`
+	LastExit   *ExitRecord `json:"last_exit,omitempty"`
+	Healthy    bool        `json:"healthy"`
 	// The worker's prompt cache: bytes held and entries evicted (this process).
-	CacheBytes     int64       `json:"prompt_cache_bytes"`
-	CacheEvictions int64       `json:"prompt_cache_evictions"`
-	Score          float64     `json:"failure_score"`
-	Failure        string      `json:"failure,omitempty"`
-	LastExit       *ExitRecord `json:"last_exit,omitempty"`
-	Healthy        bool        `json:"healthy"`
+	CacheBytes     int64 `json:"prompt_cache_bytes"`
+	CacheEvictions int64 `json:"prompt_cache_evictions"`
+	// Ranks: each process of a worker that is a group of ranks
+	// (GroupSize > 1) while it runs; PID is rank 0's.
+	Ranks []RankStatus `json:"ranks,omitempty"`
 }
 
 type slotState struct {
@@ -115,7 +121,7 @@ type slotState struct {
 
 	mu       sync.Mutex
 	state    string
-	proc     *Process
+	proc     *Group
 	started  time.Time
 	starts   int
 	restarts int
@@ -221,7 +227,7 @@ func (p *Pool) runSlot(ctx context.Context, s *slotState) {
 		s.failure = ""
 		s.mu.Unlock()
 		p.setState(s, StateReady)
-		p.router.AddWorker(s.id, proc)
+		p.router.AddWorker(s.id, proc.Leader()) // frames go to rank 0
 		reason := p.watch(ctx, s, proc, log)
 		exit := proc.Exit()
 		inflight, served, _ := p.router.WorkerLoad(s.id)
@@ -281,14 +287,26 @@ func (p *Pool) recordExit(s *slotState, e *Exit, reason string, served int) {
 	s.lastExit = &ExitRecord{Signal: sig, Code: e.Code, Cause: cause, Reason: reason, At: e.At, Stderr: e.Stderr}
 	s.mu.Unlock()
 	p.m.WorkerMemory.DeletePartialMatch(map[string]string{"worker": strconv.Itoa(s.id)})
+	p.m.WorkerRankUp.DeletePartialMatch(map[string]string{"worker": strconv.Itoa(s.id)})
+	p.m.WorkerRankMemory.DeletePartialMatch(map[string]string{"worker": strconv.Itoa(s.id)})
 }
 
 // start spawns a worker and waits for its hello.
-func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Process, error) {
+func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Group, error) {
 	helloCh := make(chan *ipc.Message, 1)
-	var proc *Process
 	var gotHello atomic.Bool
-	var fatal string // this process's fatal error frame; read after Done (the reader has finished)
+	var fatalMu sync.Mutex // a group's ranks report from their own readers
+	var fatal string       // a rank's fatal error frame
+	setFatal := func(msg string) {
+		fatalMu.Lock()
+		if fatal == "" {
+			fatal = msg
+		}
+		fatalMu.Unlock()
+		s.mu.Lock()
+		s.failure = msg
+		s.mu.Unlock()
+	}
 	onMsg := func(m *ipc.Message) error {
 		switch m.T {
 		case ipc.THello:
@@ -314,10 +332,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		case ipc.TError:
 			if m.ID == 0 {
 				log.Error("worker reported a fatal error", "code", m.Code, "msg", m.Msg)
-				fatal = m.Msg
-				s.mu.Lock()
-				s.failure = m.Msg
-				s.mu.Unlock()
+				setFatal(m.Msg)
 				return nil
 			}
 		}
@@ -327,7 +342,11 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		return p.router.Deliver(s.id, m)
 	}
 	t0 := time.Now()
-	proc, err := Start(s.id, p.cfg.Command(s.id), log, onMsg)
+	onFatal := func(rank int, msg string) {
+		log.Error("worker rank reported a fatal error", "rank", rank, "msg", msg)
+		setFatal(fmt.Sprintf("rank %d: %s", rank, msg))
+	}
+	proc, err := StartGroup(s.id, p.cfg.GroupSize, p.cfg.Command(s.id), log, onMsg, onFatal)
 	if err != nil {
 		return nil, err
 	}
@@ -357,6 +376,8 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Proc
 		return proc, nil
 	case <-proc.Done():
 		e := proc.Exit()
+		fatalMu.Lock()
+		defer fatalMu.Unlock()
 		if fatal != "" {
 			return nil, fmt.Errorf("worker exited before hello: %s (%s)", fatal, e)
 		}
@@ -384,13 +405,14 @@ func (p *Pool) onPong(s *slotState, m *ipc.Message, evicted int64) {
 
 // watch supervises a running worker until it exits; it returns the reason
 // the worker is replaced: crash, wedged, protocol, recycle or stop.
-func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog.Logger) string {
+func (p *Pool) watch(ctx context.Context, s *slotState, proc *Group, log *slog.Logger) string {
 	tick := time.NewTicker(p.cfg.HeartbeatInterval)
 	defer tick.Stop()
 	var seq uint64
 	var pingAt time.Time
 	var outstanding bool
 	recycling, stopping := false, false
+	stoppedSince := map[int]time.Time{} // a group's ranks seen stopped (SIGSTOP), since when
 	for {
 		select {
 		case <-proc.Done():
@@ -415,6 +437,11 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 				continue
 			}
 			now := p.now()
+			rankRSS, err := p.watchRanks(s, proc, now, stoppedSince)
+			if err != nil {
+				proc.Kill(err)
+				continue
+			}
 			s.mu.Lock()
 			last := s.lastPong
 			pong := s.pong
@@ -432,11 +459,12 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 				proc.Kill(fmt.Errorf("%w: %d requests in flight and no token for %s", errWedged, inflight, now.Sub(progress).Round(time.Millisecond)))
 				continue
 			}
-			if !recycling && ((p.cfg.RecycleRequests > 0 && served >= p.cfg.RecycleRequests) || (p.cfg.RecycleRSS > 0 && pong.RSS > p.cfg.RecycleRSS)) {
+			rss := max(pong.RSS, rankRSS) // a group recycles when any rank is past the limit
+			if !recycling && ((p.cfg.RecycleRequests > 0 && served >= p.cfg.RecycleRequests) || (p.cfg.RecycleRSS > 0 && rss > p.cfg.RecycleRSS)) {
 				recycling = true
 				p.setState(s, StateDraining)
 				p.router.SetDraining(s.id)
-				log.Info("recycling worker", "served", served, "rss", pong.RSS)
+				log.Info("recycling worker", "served", served, "rss", rss)
 			}
 			if recycling && inflight == 0 {
 				stopping = true
@@ -449,12 +477,52 @@ func (p *Pool) watch(ctx context.Context, s *slotState, proc *Process, log *slog
 				outstanding = true
 			}
 			f, _ := ipc.AppendMessage(nil, &ipc.Message{T: ipc.TPing, Seq: seq})
-			_ = proc.Send(f)
+			_ = proc.Leader().Send(f)
 		}
 	}
 }
 
 var errWedged = errors.New("worker wedged")
+
+// watchRanks records each rank of a group in the metrics (at every
+// heartbeat tick) and returns the largest rank's resident memory and why
+// the group must be killed, if it must: a
+// follower stopped (SIGSTOP, a debugger) for longer than the heartbeat
+// timeout, as rank 0 would be for not answering its heartbeats. Followers
+// answer no heartbeat, and one stopped while requests run blocks rank 0 in a
+// collective, which the progress watchdog catches; this catches it while the
+// group is idle, before a request waits on it.
+func (p *Pool) watchRanks(s *slotState, g *Group, now time.Time, stoppedSince map[int]time.Time) (int64, error) {
+	if g.Ranks() < 2 {
+		return 0, nil
+	}
+	w := strconv.Itoa(s.id)
+	var wedged error
+	var maxRSS int64
+	for _, r := range g.RankStatus() {
+		up := 0.0
+		if r.Alive && r.State != "stopped" && r.State != "zombie" {
+			up = 1
+		}
+		rank := strconv.Itoa(r.Rank)
+		p.m.WorkerRankUp.WithLabelValues(w, rank).Set(up)
+		if r.RSS > 0 {
+			p.m.WorkerRankMemory.WithLabelValues(w, rank).Set(float64(r.RSS))
+		}
+		maxRSS = max(maxRSS, r.RSS)
+		if r.State != "stopped" {
+			delete(stoppedSince, r.Rank)
+			continue
+		}
+		since, seen := stoppedSince[r.Rank]
+		if !seen {
+			stoppedSince[r.Rank] = now
+		} else if d := now.Sub(since); d > p.cfg.HeartbeatTimeout && wedged == nil {
+			wedged = fmt.Errorf("%w: rank %d stopped (SIGSTOP) for %s", errWedged, r.Rank, d.Round(time.Millisecond))
+		}
+	}
+	return maxRSS, wedged
+}
 
 // CanServe reports whether some slot may yet serve: one that is not given up
 // (failed) or stopped is ready, starting, backing off, or about to be
@@ -491,6 +559,9 @@ func (p *Pool) Status() []SlotStatus {
 			}
 			st.RSS, st.MLXActive, st.MLXPeak = s.pong.RSS, s.pong.MemActive, s.pong.MemPeak
 			st.CacheBytes, st.CacheEvictions = s.pong.Cache, s.pong.Evicted
+			if s.proc.Ranks() > 1 {
+				st.Ranks = s.proc.RankStatus()
+			}
 		}
 		_, _, progress := p.router.WorkerLoad(s.id)
 		stalled := inflight > 0 && p.cfg.ProgressTimeout > 0 && now.Sub(progress) > p.cfg.ProgressTimeout

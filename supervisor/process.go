@@ -43,6 +43,9 @@ type Exit struct {
 	At       time.Time
 	Uptime   time.Duration
 	Intended bool // the supervisor asked it to stop
+	// Rank and GroupSize: in a group of more than one (Group), the rank
+	// whose exit this is.
+	Rank, GroupSize int
 }
 
 // SignalName is e.g. "SIGSEGV", or "" for a normal exit.
@@ -55,6 +58,9 @@ func (e *Exit) SignalName() string {
 
 func (e *Exit) String() string {
 	var b strings.Builder
+	if e.GroupSize > 1 {
+		fmt.Fprintf(&b, "rank %d of %d ", e.Rank, e.GroupSize)
+	}
 	if e.Signal != 0 {
 		fmt.Fprintf(&b, "killed by %s", e.SignalName())
 		if e.Signal == syscall.SIGKILL && !e.Intended {

@@ -34,6 +34,7 @@ var envVars = []envVar{
 	{"KRSERVE_MODEL", "model", "model directory (or Hugging Face repo id when online)"},
 	{"KRSERVE_WORKERS", "workers", "number of worker processes"},
 	{"KRSERVE_PROMPT_CACHE_BYTES", "prompt-cache-bytes", "prompt cache budget per worker in bytes (0: off)"},
+	{"KRSERVE_GROUP_SIZE", "group-size", "ranks (processes) each worker is split over (mlx.distributed, tensor parallel)"},
 	{"KRSERVE_WORKER_BLAS", "", "passed to workers (Linux CPU): directory with libopenblas.so.0 to load before mlx, or off (default: <venv>/lib/krserve-blas)"},
 	{"OPENBLAS_NUM_THREADS", "", "passed to workers: BLAS threads per worker (default: cores / workers)"},
 	{"KRSERVE_WORKER_FAULT", "", "passed to workers, a testing aid: crash or hang on chosen prompts (segv-on-prompt:TEXT, segv-after-tokens:N[:TEXT], hang-on-prompt:TEXT; docs/architecture.md)"},

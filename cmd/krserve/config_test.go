@@ -119,6 +119,7 @@ func TestUpRefusesBadSettings(t *testing.T) {
 		want string
 	}{
 		{[]string{"--workers", "0"}, "--workers"},
+		{[]string{"--group-size", "0"}, "--group-size"},
 		{[]string{"--batch-size", "0"}, "--batch-size"},
 		{[]string{"--prefill-step", "0"}, "--prefill-step"},
 		{[]string{"--prefill-batch", "-1"}, "--prefill-batch"},

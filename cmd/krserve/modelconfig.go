@@ -21,6 +21,7 @@ type modelEntry struct {
 	Aliases   []string
 	Workers   int
 	BatchSize int
+	GroupSize int
 	TTL       *time.Duration
 	Pin       *bool
 	Preload   *bool
@@ -45,6 +46,7 @@ type fileConfig struct {
 //	    aliases: [smol]
 //	    workers: 1
 //	    batch_size: 16
+//	    group_size: 2           # ranks per worker (mlx.distributed, tensor parallel)
 //	    ttl: 10m                # never, 0 (unload when idle) or a duration
 //	    pin: true
 //	    preload: true
@@ -120,7 +122,7 @@ func modelNode(k, v *yaml.Node, bad func(*yaml.Node, string, string, ...any) err
 		return e, nil
 	}
 	if v.Kind != yaml.MappingNode {
-		return e, bad(v, key, "want a path or a mapping with path, aliases, workers, batch_size, ttl, pin, preload")
+		return e, bad(v, key, "want a path or a mapping with path, aliases, workers, batch_size, group_size, ttl, pin, preload")
 	}
 	for i := 0; i+1 < len(v.Content); i += 2 {
 		f, x := v.Content[i], v.Content[i+1]
@@ -145,15 +147,18 @@ func modelNode(k, v *yaml.Node, bad func(*yaml.Node, string, string, ...any) err
 				}
 				e.Aliases = append(e.Aliases, a.Value)
 			}
-		case "workers", "batch_size":
+		case "workers", "batch_size", "group_size":
 			n, err := intNode(x)
 			if err != nil || n < 1 {
 				return e, bad(x, fkey, "want a whole number of at least 1")
 			}
-			if f.Value == "workers" {
+			switch f.Value {
+			case "workers":
 				e.Workers = n
-			} else {
+			case "batch_size":
 				e.BatchSize = n
+			default:
+				e.GroupSize = n
 			}
 		case "ttl":
 			d, err := models.ParseTTL(x.Value)
@@ -172,7 +177,7 @@ func modelNode(k, v *yaml.Node, bad func(*yaml.Node, string, string, ...any) err
 				e.Preload = &b
 			}
 		default:
-			return e, bad(f, fkey, "unknown key (want path, aliases, workers, batch_size, ttl, pin or preload)")
+			return e, bad(f, fkey, "unknown key (want path, aliases, workers, batch_size, group_size, ttl, pin or preload)")
 		}
 	}
 	if e.Path == "" {
@@ -230,10 +235,10 @@ func parseModelFlag(v, defaultName string) modelEntry {
 
 // modelSettings are the defaults the flags give every model.
 type modelSettings struct {
-	Workers, BatchSize int
+	Workers, BatchSize, GroupSize int
 	// flagWins: the flag was given on the command line, so it replaces what
 	// the file says for every model.
-	WorkersSet, BatchSet bool
+	WorkersSet, BatchSet, GroupSet bool
 }
 
 // mergeModels combines the file's models and the --model flags (a flag for
@@ -265,7 +270,7 @@ func mergeModels(file []modelEntry, flags []modelEntry, d modelSettings) ([]mode
 	var specs []models.Spec
 	for _, e := range entries {
 		s := models.Spec{Name: e.Name, Path: e.Path, Aliases: e.Aliases, Workers: d.Workers, BatchSize: d.BatchSize,
-			TTL: 5 * time.Minute, Preload: single}
+			GroupSize: max(d.GroupSize, 1), TTL: 5 * time.Minute, Preload: single}
 		if single {
 			s.TTL = models.Never
 		}
@@ -274,6 +279,9 @@ func mergeModels(file []modelEntry, flags []modelEntry, d modelSettings) ([]mode
 		}
 		if e.BatchSize > 0 && !d.BatchSet {
 			s.BatchSize = e.BatchSize
+		}
+		if e.GroupSize > 0 && !d.GroupSet {
+			s.GroupSize = e.GroupSize
 		}
 		if e.TTL != nil {
 			s.TTL = *e.TTL

@@ -32,6 +32,7 @@ models:
     aliases: [smol, fast]
     workers: 2
     batch_size: 16
+    group_size: 2
     ttl: 10m
     pin: true
     preload: true
@@ -57,11 +58,11 @@ models:
 		byName[s.Name] = s
 	}
 	small := byName["small"]
-	if small.Workers != 2 || small.BatchSize != 16 || small.TTL != 10*time.Minute || !small.Pin || !small.Preload ||
+	if small.Workers != 2 || small.BatchSize != 16 || small.GroupSize != 2 || small.TTL != 10*time.Minute || !small.Pin || !small.Preload ||
 		strings.Join(small.Aliases, ",") != "smol,fast" || small.Path != "~/models/small" {
 		t.Fatalf("small: %+v", small)
 	}
-	if c := byName["coder"]; c.Path != "/elsewhere/coder" || c.TTL != 5*time.Minute || c.Preload || c.Workers != 1 || c.BatchSize != 32 {
+	if c := byName["coder"]; c.Path != "/elsewhere/coder" || c.TTL != 5*time.Minute || c.Preload || c.Workers != 1 || c.BatchSize != 32 || c.GroupSize != 1 {
 		t.Fatalf("coder (the flag's path wins; on-demand defaults): %+v", c)
 	}
 	if b := byName["big"]; b.TTL != models.Never {
@@ -71,8 +72,8 @@ models:
 		t.Fatalf("want the file's models in order, then the flag's new one: %+v", specs)
 	}
 	// A flag given on the command line wins for every model.
-	specs, _ = mergeModels(fc.Models, nil, modelSettings{Workers: 3, BatchSize: 8, WorkersSet: true, BatchSet: true})
-	if specs[0].Workers != 3 || specs[0].BatchSize != 8 {
+	specs, _ = mergeModels(fc.Models, nil, modelSettings{Workers: 3, BatchSize: 8, GroupSize: 1, WorkersSet: true, BatchSet: true, GroupSet: true})
+	if specs[0].Workers != 3 || specs[0].BatchSize != 8 || specs[0].GroupSize != 1 {
 		t.Fatalf("flags must win: %+v", specs[0])
 	}
 }

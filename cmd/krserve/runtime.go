@@ -28,10 +28,17 @@ type modelRuntime struct {
 	wg     sync.WaitGroup
 }
 
-// MemoryBytes is the resident memory its workers report (their last pong).
+// MemoryBytes is the resident memory its workers report (their last pong);
+// for a worker that is a group of ranks, every rank's.
 func (r *modelRuntime) MemoryBytes() int64 {
 	var n int64
 	for _, s := range r.Pool.Status() {
+		if len(s.Ranks) > 0 {
+			for _, rk := range s.Ranks {
+				n += rk.RSS
+			}
+			continue
+		}
 		n += s.RSS
 	}
 	return n
@@ -86,6 +93,9 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
 	scfg.Routing.Policy = c.Routing
 	cacheBytes := promptCacheBudget(c.PromptCacheBytes, physicalMemory(), spec.Workers)
+	if spec.GroupSize > 1 {
+		cacheBytes = 0 // not yet kept in step across a group's ranks: off
+	}
 	if cacheBytes == 0 {
 		scfg.Routing.Policy = scheduler.RoutingLeastLoaded // no cache to be near
 	}
@@ -97,9 +107,10 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 		err  error
 	}
 	failures := make(chan startFailure, 64)
-	env := blasThreads(b.env, runtime.NumCPU(), spec.Workers)
+	env := blasThreads(b.env, runtime.NumCPU(), spec.Workers*max(spec.GroupSize, 1))
 	pcfg := supervisor.DefaultConfig()
 	pcfg.Workers = spec.Workers
+	pcfg.GroupSize = spec.GroupSize
 	pcfg.StartTimeout, pcfg.HeartbeatInterval, pcfg.HeartbeatTimeout = c.StartTimeout, c.Heartbeat, c.HeartbeatLimit
 	pcfg.ProgressTimeout, pcfg.StopGrace = c.ProgressTimeout, c.StopGrace
 	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20
@@ -115,6 +126,9 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
 		if cacheBytes >= 0 {
 			args = append(args, "--prompt-cache-bytes", strconv.FormatInt(cacheBytes, 10))
+		}
+		if spec.GroupSize > 1 {
+			args = append(args, "--group-size", strconv.Itoa(spec.GroupSize))
 		}
 		if c.WorkerExec != "" {
 			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}

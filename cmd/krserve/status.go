@@ -114,6 +114,13 @@ type statusDoc struct {
 			Reason string    `json:"reason"`
 			At     time.Time `json:"at"`
 		} `json:"last_exit"`
+		Ranks []struct {
+			Rank  int    `json:"rank"`
+			PID   int    `json:"pid"`
+			Alive bool   `json:"alive"`
+			State string `json:"state"`
+			RSS   int64  `json:"rss_bytes"`
+		} `json:"ranks"`
 	} `json:"workers"`
 }
 
@@ -207,6 +214,16 @@ func printStatus(w io.Writer, body []byte) error {
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%d\t%d\t%d\t%.0f MiB\t%.0f MiB (%d evicted)\t%s\n", wk.Slot, st, wk.PID,
 			(time.Duration(wk.Uptime) * time.Second).String(), wk.Served, wk.Inflight, wk.Restarts, float64(wk.RSS)/(1<<20),
 			float64(wk.Cache)/(1<<20), wk.Evicted, last)
+		for _, r := range wk.Ranks { // a worker that is a group of ranks (--group-size)
+			alive := "alive"
+			if !r.Alive {
+				alive = "dead"
+			}
+			if r.State != "" {
+				alive += " (" + r.State + ")"
+			}
+			fmt.Fprintf(tw, "  rank %d\t%s\t%d\t\t\t\t\t%.0f MiB\t\t\n", r.Rank, alive, r.PID, float64(r.RSS)/(1<<20))
+		}
 	}
 	return tw.Flush()
 }

@@ -35,6 +35,7 @@ type upConfig struct {
 	ConfigFile                string
 	Python, Host              string
 	Port, Workers             int
+	GroupSize                 int
 	MetricsAddr               string
 	LogFormat, LogLevel       string
 	LogPrompts                bool
@@ -101,7 +102,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	}
 	f := cmd.Flags()
 	f.StringArrayVar(&c.Models, "model", nil, "model to serve: an mlx-lm directory or a Hugging Face repo id in the local HF cache, served as --served-model-name; NAME=PATH serves it as NAME (repeat for several models, loaded on demand; default: SmolLM2-135M-Instruct, prepared on first use)")
-	f.StringVar(&c.ConfigFile, "config", "", "YAML file declaring models (path, aliases, workers, batch_size, ttl, pin, preload) and memory_budget, max_loaded_models; flags win over it (README: Serving several models)")
+	f.StringVar(&c.ConfigFile, "config", "", "YAML file declaring models (path, aliases, workers, batch_size, group_size, ttl, pin, preload) and memory_budget, max_loaded_models; flags win over it (README: Serving several models)")
 	f.StringVar(&c.MemoryBudget, "memory-budget", "", "memory all loaded models may take: bytes (24GiB, 8000000000) or a percentage of RAM (75%); models are unloaded (idle ones, least recently used first) to make room, and a model that cannot fit alone is refused (default: no budget)")
 	f.IntVar(&c.MaxLoadedModels, "max-loaded-models", 0, "models loaded at once; loading another unloads one first (0: no limit)")
 	f.DurationVar(&c.LoadTimeout, "load-timeout", 5*time.Minute, "a model load (workers started, first one ready) that takes longer fails its waiting requests")
@@ -112,6 +113,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.StringVar(&c.Host, "host", "127.0.0.1", "address to listen on; binding beyond loopback is an explicit choice")
 	f.IntVar(&c.Port, "port", 8080, "port to listen on")
 	f.IntVar(&c.Workers, "workers", 1, "worker processes")
+	f.IntVar(&c.GroupSize, "group-size", 1, "processes (ranks) each worker is split over with mlx.distributed (ring backend over loopback, tensor parallel with mlx-lm's sharded loading); the model's attention and KV heads must divide by it; the ranks are one crash domain: any rank's death or a stalled group restarts them all (README: A worker that is a group of ranks)")
 	f.StringVar(&c.MetricsAddr, "metrics-addr", "", "also serve /metrics on this address (e.g. 127.0.0.1:9090)")
 	f.StringVar(&c.LogFormat, "log-format", "text", "text or json")
 	f.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
@@ -246,6 +248,9 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.Workers < 1 {
 		return fmt.Errorf("--workers must be at least 1; got %d", c.Workers)
 	}
+	if c.GroupSize < 1 {
+		return fmt.Errorf("--group-size must be at least 1; got %d", c.GroupSize)
+	}
 	if parent == nil {
 		parent = context.Background()
 	}
@@ -311,7 +316,7 @@ func runUp(parent context.Context, c upConfig) error {
 		flagModels = append(flagModels, parseModelFlag(v, c.API.ModelName))
 	}
 	specs, err := mergeModels(fileModels, flagModels, modelSettings{Workers: c.Workers, BatchSize: c.BatchSize,
-		WorkersSet: c.given["workers"], BatchSet: c.given["batch-size"]})
+		GroupSize: c.GroupSize, WorkersSet: c.given["workers"], BatchSet: c.given["batch-size"], GroupSet: c.given["group-size"]})
 	if err != nil {
 		return err
 	}
@@ -328,7 +333,7 @@ func runUp(parent context.Context, c upConfig) error {
 		}
 		log.Info("default model ready", "dir", dir, "seconds", time.Since(t0).Seconds())
 		specs, _ = mergeModels(nil, []modelEntry{{Name: c.API.ModelName, Path: dir, where: "the default model"}},
-			modelSettings{Workers: c.Workers, BatchSize: c.BatchSize})
+			modelSettings{Workers: c.Workers, BatchSize: c.BatchSize, GroupSize: c.GroupSize})
 	}
 	places := models.DefaultPlaces()
 	for i := range specs {
@@ -338,6 +343,11 @@ func runUp(parent context.Context, c upConfig) error {
 		}
 		if s.Workers < 1 || s.BatchSize < 1 {
 			return fmt.Errorf("model %q: workers and batch_size must be at least 1; got %d and %d", s.Name, s.Workers, s.BatchSize)
+		}
+		if s.GroupSize > 1 && c.WorkerExec == "" {
+			if err := checkGroup(sigCtx, python, env, s.Path, s.GroupSize); err != nil {
+				return fmt.Errorf("model %q: %w", s.Name, err)
+			}
 		}
 		if est, detail, err := models.Estimate(models.EstimateInput{Dir: s.Path, Workers: s.Workers, Batch: max(s.BatchSize, c.TuneMax),
 			Dequantize: c.Dequantize, CPU: runtime.GOOS == "linux", Physical: physical}); err == nil {

@@ -87,6 +87,9 @@ def parse_args(argv):
                     help="bytes of KV cache the prompt cache and the running sequences may "
                          "hold together (default: an eighth of physical memory; 0 turns "
                          "the prompt cache off)")
+    from . import ranks
+
+    ranks.add_args(ap)
     args = ap.parse_args(argv)
     for name in ("max_batch", "prefill_batch", "prefill_step"):
         if getattr(args, name) < 1:
@@ -816,6 +819,18 @@ class Worker:
         if frames:
             self.writer.write(b"".join(frames))
 
+    def take(self, idle: bool) -> list:
+        """This loop's queue items: block for one when idle, then take
+        whatever else is queued. (A group's ranks share them: ranks.py.)"""
+        items = []
+        try:
+            items.append(self.q.get() if idle else self.q.get_nowait())
+            while True:
+                items.append(self.q.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
     def run(self) -> int:
         # KRSERVE_WORKER_TIMING=1: every 256 steps, log the time per loop spent
         # in step() (MLX: graph building and waiting for the device) and
@@ -829,13 +844,7 @@ class Worker:
             if self.timing:
                 t_loop = time.perf_counter()
             idle = not self.reqs and not self.pending
-            items = []
-            try:
-                items.append(self.q.get() if idle else self.q.get_nowait())
-                while True:
-                    items.append(self.q.get_nowait())
-            except queue.Empty:
-                pass
+            items = self.take(idle)
             out = []
             for item in items:
                 if item[0] == "exit":
@@ -912,7 +921,15 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         import mlx_lm
         from mlx_lm import load
 
-        model, tokenizer, config = load(args.model, return_config=True)
+        from . import ranks
+
+        group = ranks.start(args)  # None unless --group-size > 1
+        if group is not None and args.prompt_cache_bytes != 0:
+            # Each rank would keep its own cache of its KV shard; keeping them
+            # in step is not done yet, so a group runs without one.
+            log("prompt cache: off in a group of ranks (--group-size > 1)")
+            args.prompt_cache_bytes = 0
+        model, tokenizer, config = group.load(args.model) if group else load(args.model, return_config=True)
         vocab, ctx = _model_info(model, tokenizer, config)
         on_cpu = mx.default_device().type == mx.cpu
         weights = dequantize_for_cpu(model, args.dequantize, on_cpu=on_cpu,
@@ -937,9 +954,11 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         log(f"llguidance unavailable ({type(e).__name__}: {e}): requests with response_format "
             "or a required tool_choice will be refused")
 
+    if group is not None and group.rank > 0:  # a follower: no protocol, mirrors rank 0
+        return group.follow(model, tokenizer, vocab=vocab, ctx=ctx, args=args, grammars=grammars)
     shared = Shared()
     q: queue.Queue = queue.Queue()
-    worker = Worker(model, tokenizer, vocab=vocab, ctx=ctx, args=args, writer=writer,
+    worker = (group.leader if group else Worker)(model, tokenizer, vocab=vocab, ctx=ctx, args=args, writer=writer,
                     shared=shared, q=q, faults=injected)
     caps = protocol.CAPS + ([protocol.CAP_PROMPT_CACHE] if worker.pc.enabled else [])
     log(f"prompt cache: {worker.pc.budget / 2**20:.0f} MiB" if worker.pc.enabled else "prompt cache: off")
