@@ -6,10 +6,12 @@ Two models, A and B, room for one at a time: krserve serves both with
 and loads whatever the request's `model` field names (one model resident). The
 same sequence goes to each, one request at a time, streamed, greedy:
 
-  A (already loaded), A, then B, A, B, A, ... (every request a swap)
+  A (a warm-up, not recorded), A, A (loaded), then B, A, B, A, ... (every
+  request a swap)
 
 and the time to first token of each is recorded: the first B is a cold load,
-the rest are swaps. Both servers run with the same BLAS (krserve_worker.blas)
+the rest are swaps. Every request asks a different question
+(scripts/bench/questions.txt), so no answer comes from a prompt cache. Both servers run with the same BLAS (krserve_worker.blas)
 and the weights as stored (krserve --dequantize off), so a swap costs the same
 load on both.
 
@@ -54,9 +56,15 @@ def wait_ready(url: str, path: str, proc, timeout=600):
     raise TimeoutError(url)
 
 
+QUESTIONS = [q.strip() for q in (ROOT / "scripts" / "bench" / "questions.txt").read_text().splitlines() if q.strip()]
+_asked = iter(range(10**6))
+
+
 def ttft(url: str, model: str, max_tokens: int) -> float:
+    # A new question each time: no request is a prompt-cache hit, on either server.
+    q = QUESTIONS[next(_asked) % len(QUESTIONS)]
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": "Name three planets."}]}
+            "messages": [{"role": "user", "content": q}]}
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
     t0 = time.perf_counter()
@@ -81,6 +89,7 @@ def run(name: str, cmd: list[str], url: str, ready: str, models: tuple[str, str]
     try:
         wait_ready(url, ready, proc)
         a, b = models
+        ttft(url, a, max_tokens)  # A loaded (krserve loads on demand), warm
         seq = [a, a] + [b, a] * swaps
         out = []
         for i, m in enumerate(seq):
@@ -115,21 +124,23 @@ def main() -> int:
     ap.add_argument("--swaps", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--krserve-args", default="", help="more `krserve up` flags, e.g. '--min-residency 0s'")
+    ap.add_argument("--skip-mlx", action="store_true", help="krserve only")
     a = ap.parse_args()
     res = {}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     res["krserve"] = run("krserve", [a.krserve, "up", "--port", str(port), "--python", a.python,
                                      "--model", f"a={a.a}", "--model", f"b={a.b}", "--max-loaded-models", "1",
-                                     "--dequantize", "off", "--log-level", "warn"],
-                         url, "/ready?model=a", ("a", "b"), a.swaps, a.max_tokens)
+                                     "--dequantize", "off", "--log-level", "warn", *a.krserve_args.split()],
+                         url, "/v1/models", ("a", "b"), a.swaps, a.max_tokens)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    res["mlx_lm.server"] = run("mlx_lm.server", [a.python, "-m", "krserve_worker.blas", "mlx_lm", "server",
+    res["mlx_lm.server"] = [] if a.skip_mlx else run("mlx_lm.server", [a.python, "-m", "krserve_worker.blas", "mlx_lm", "server",
                                                  "--model", a.a, "--host", "127.0.0.1", "--port", str(port),
                                                  "--temp", "0"],
                                url, "/v1/models", (a.a, a.b), a.swaps, a.max_tokens)
-    report = {k: {"summary": summary(v), "requests": v} for k, v in res.items()}
+    report = {k: {"summary": summary(v), "requests": v} for k, v in res.items() if v}
     print(json.dumps({k: v["summary"] for k, v in report.items()}, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
