@@ -125,9 +125,12 @@ func (ix *prefixIndex) match(hs []uint64) int {
 }
 
 // insert adds hs (or marks them used), evicting the least recently used
-// blocks beyond max.
+// blocks beyond max. A text's blocks are touched last to first, so its head
+// is the most recently used: the tail of a long text goes before its head,
+// never the other way round (a prefix is worth nothing without its start).
 func (ix *prefixIndex) insert(hs []uint64) {
-	for _, h := range hs {
+	for i := len(hs) - 1; i >= 0; i-- {
+		h := hs[i]
 		if e, ok := ix.blocks[h]; ok {
 			ix.lru.MoveToFront(e)
 			continue
@@ -145,13 +148,22 @@ func (ix *prefixIndex) evict() {
 	}
 }
 
+// minIndexBlocks is the least an index shrinks to (1 KiB of text).
+const minIndexBlocks = 16
+
 // shrink is the correction for a miss: the worker held less than the index
 // predicted, so it evicted text the index still lists. The index is too
 // large for the worker's real cache: cut it by a quarter (oldest first), and
-// keep it that size.
+// keep it that size until hits show it may grow again.
 func (ix *prefixIndex) shrink() {
-	ix.max = max(1, len(ix.blocks)*3/4)
+	ix.max = max(minIndexBlocks, len(ix.blocks)*3/4)
 	ix.evict()
+}
+
+// grow is the other half: a prediction the worker confirmed lets a shrunk
+// index grow back by an eighth, up to its configured bound.
+func (ix *prefixIndex) grow(bound int) {
+	ix.max = min(bound, ix.max+ix.max/8+1)
 }
 
 // routeCandidate is one worker with a free slot, as route sees it.
@@ -182,7 +194,7 @@ func route(cands []routeCandidate, nblocks int, cfg RoutingConfig) (int, string)
 		}
 		return best
 	}
-	if cfg.Policy != RoutingCacheAware || len(cands) == 1 {
+	if cfg.Policy != RoutingCacheAware {
 		return mostFree(), routeLoad
 	}
 	lo, hi := cands[0].load, cands[0].load

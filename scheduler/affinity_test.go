@@ -54,18 +54,38 @@ func TestPrefixIndexLRUAndShrink(t *testing.T) {
 	if got := ix.match([]uint64{1, 2, 9, 3}); got != 2 {
 		t.Errorf("match = %d, want the 2 leading blocks", got)
 	}
-	ix.insert([]uint64{1})    // touch 1: now 2 is the oldest
-	ix.insert([]uint64{4, 5}) // 5 blocks > 4: evict 2
-	if ix.match([]uint64{1}) != 1 || ix.match([]uint64{2}) != 0 || ix.match([]uint64{3, 4, 5}) != 3 {
+	ix.insert([]uint64{4, 5}) // 5 blocks > 4: the oldest goes, the tail of 1, 2, 3 (3)
+	if ix.match([]uint64{1, 2}) != 2 || ix.match([]uint64{3}) != 0 || ix.match([]uint64{4, 5}) != 2 {
 		t.Errorf("after eviction: %v", ix.blocks)
 	}
-	ix.shrink() // 4 blocks -> 3: the least recently used (3) goes
-	if len(ix.blocks) != 3 || ix.max != 3 || ix.match([]uint64{3}) != 0 {
-		t.Errorf("after shrink: max %d, blocks %v", ix.max, ix.blocks)
+	ix.insert([]uint64{1})    // touch 1
+	ix.insert([]uint64{6, 7}) // evicts 5 then 2: the tail of 4, 5 first
+	if ix.match([]uint64{1}) != 1 || ix.match([]uint64{4}) != 1 || ix.match([]uint64{5}) != 0 || ix.match([]uint64{2}) != 0 {
+		t.Errorf("after a second eviction: %v", ix.blocks)
 	}
-	ix.insert([]uint64{6})
-	if len(ix.blocks) != 3 {
-		t.Errorf("the shrunk bound is kept: %d blocks", len(ix.blocks))
+
+	big := newPrefixIndex(100)
+	var hs []uint64
+	for i := range 40 {
+		hs = append(hs, uint64(100+i))
+	}
+	big.insert(hs)
+	big.shrink() // 40 blocks -> 30: the text's tail goes, its head stays
+	if len(big.blocks) != 30 || big.max != 30 || big.match(hs) != 30 {
+		t.Errorf("after shrink: max %d, %d blocks, match %d", big.max, len(big.blocks), big.match(hs))
+	}
+	big.insert([]uint64{1})
+	if len(big.blocks) != 30 {
+		t.Errorf("the shrunk bound is kept: %d blocks", len(big.blocks))
+	}
+	big.grow(100)
+	if big.max != 34 {
+		t.Errorf("grow: max %d, want 34", big.max)
+	}
+	small := newPrefixIndex(100)
+	small.insert(hs[:10])
+	if small.shrink(); small.max != minIndexBlocks {
+		t.Errorf("shrink below the floor: max %d", small.max)
 	}
 }
 
@@ -88,6 +108,7 @@ func TestRoutePolicy(t *testing.T) {
 		{"no prompt text: the most free, first on ties", []routeCandidate{{id: 3, load: 1, free: 7}, {id: 1, load: 1, free: 7}}, 0, "", 3, routeLoad},
 		{"least-loaded ignores matches", []routeCandidate{{id: 1, load: 2, free: 6}, {id: 2, load: 3, free: 5, match: 10}}, 10, RoutingLeastLoaded, 1, routeLoad},
 		{"one candidate", []routeCandidate{{id: 7, load: 3, free: 1}}, 10, "", 7, routeLoad},
+		{"one candidate holding the prompt", []routeCandidate{{id: 7, load: 3, free: 1, match: 9}}, 10, "", 7, routeCache},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := cfg

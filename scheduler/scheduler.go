@@ -603,6 +603,9 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 			r.dispatched = now
 			r.dispatchToks = 0
 			sl.inflight[r.ID] = r
+			if r.suspect { // not routed: what this worker holds is the prediction
+				r.predicted = sl.index.match(r.prefixBlocks(s.cfg.Routing.Policy))
+			}
 			sl.index.insert(r.prefixBlocks(s.cfg.Routing.Policy))
 			if r.suspect {
 				s.startProbationLocked(sl, r)
@@ -647,6 +650,8 @@ func (s *Scheduler) routeLocked(r *Request, ids []int, batches map[int][]*Reques
 	i, why := route(cands, len(blocks), s.cfg.Routing)
 	s.m.RoutingDecisions.WithLabelValues(why).Inc()
 	r.predicted = cands[i].match
+	s.cfg.Log.Debug("routed", "request", r.ID, "worker", cands[i].id, "reason", why,
+		"match_blocks", cands[i].match, "prompt_blocks", len(blocks), "candidates", len(cands))
 	return cands[i].id
 }
 
@@ -666,6 +671,8 @@ func (s *Scheduler) rememberLocked(sl *slot, r *Request, cached int) {
 		if had < r.predicted/2 {
 			sl.index.shrink()
 			s.m.RoutingMispredictions.Inc()
+		} else {
+			sl.index.grow(s.cfg.Routing.IndexBlocks)
 		}
 	}
 	sl.index.insert(blockHashes(canonical(&r.Input, r.reply.String())))
