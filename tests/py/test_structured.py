@@ -199,8 +199,13 @@ def test_mixed_batch_join_and_cancel(client):
         results["free"] = text
 
     def cancelled():
+        # A schema whose answer cannot be short (a json_object may be "{}"
+        # and end before the fifth chunk): the cancel always lands mid-answer.
+        long_text = {"type": "json_schema", "json_schema": {"name": "Long", "strict": True, "schema": {
+            "type": "object", "properties": {"text": {"type": "string", "minLength": 200}},
+            "required": ["text"], "additionalProperties": False}}}
         s = client.chat.completions.create(model="default", messages=ASK, max_tokens=200, stream=True,
-                                           response_format={"type": "json_object"})
+                                           response_format=long_text)
         n = 0
         for _ in s:
             n += 1
