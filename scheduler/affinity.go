@@ -46,7 +46,12 @@ type RoutingConfig struct {
 
 // DefaultRoutingConfig returns the documented defaults.
 func DefaultRoutingConfig() RoutingConfig {
-	return RoutingConfig{Policy: RoutingCacheAware, BalanceAbs: 8, BalanceRel: 1.5, CacheThreshold: 0.3, IndexBlocks: 1 << 16}
+	// BalanceAbs 2, not SGLang's 64 (its router fronts engines with hundreds
+	// of sequences each): a shared system prompt matches on the one worker
+	// that has seen it, and with a larger gap a burst of new conversations
+	// all went there while the other worker idled (docs/benchmarks.md,
+	// "Cache-aware routing with two workers").
+	return RoutingConfig{Policy: RoutingCacheAware, BalanceAbs: 2, BalanceRel: 1.5, CacheThreshold: 0.3, IndexBlocks: 1 << 16}
 }
 
 var blockSeed = maphash.MakeSeed()

@@ -90,7 +90,8 @@ func TestPrefixIndexLRUAndShrink(t *testing.T) {
 }
 
 func TestRoutePolicy(t *testing.T) {
-	cfg := DefaultRoutingConfig() // abs 8, rel 1.5, threshold 0.3
+	cfg := DefaultRoutingConfig()
+	cfg.BalanceAbs = 8 // rel 1.5, threshold 0.3
 	for _, tc := range []struct {
 		name    string
 		cands   []routeCandidate
@@ -108,11 +109,16 @@ func TestRoutePolicy(t *testing.T) {
 		{"no prompt text: the most free, first on ties", []routeCandidate{{id: 3, load: 1, free: 7}, {id: 1, load: 1, free: 7}}, 0, "", 3, routeLoad},
 		{"least-loaded ignores matches", []routeCandidate{{id: 1, load: 2, free: 6}, {id: 2, load: 3, free: 5, match: 10}}, 10, RoutingLeastLoaded, 1, routeLoad},
 		{"one candidate", []routeCandidate{{id: 7, load: 3, free: 1}}, 10, "", 7, routeLoad},
+		{"default gap of 2: a burst leaves the holder of a shared prefix", []routeCandidate{{id: 1, load: 3, free: 5, match: 8}, {id: 2, load: 0, free: 8}}, 10, "abs2", 2, routeBalance},
 		{"one candidate holding the prompt", []routeCandidate{{id: 7, load: 3, free: 1, match: 9}}, 10, "", 7, routeCache},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := cfg
-			if tc.policy != "" {
+			switch tc.policy {
+			case "":
+			case "abs2":
+				c = DefaultRoutingConfig()
+			default:
 				c.Policy = tc.policy
 			}
 			i, why := route(tc.cands, tc.nblocks, c)

@@ -91,7 +91,7 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 	scfg.Window = msDuration(c.WindowMS)
 	scfg.MaxQueue, scfg.MaxQueueTokens, scfg.MaxCrashes, scfg.Tune = c.MaxQueue, c.MaxQueueTokens, c.MaxCrashes, tune
 	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
-	scfg.Routing.Policy = c.Routing
+	scfg.Routing.Policy, scfg.Routing.BalanceAbs = c.Routing, c.RoutingBalance
 	cacheBytes := promptCacheBudget(c.PromptCacheBytes, physicalMemory(), spec.Workers)
 	if spec.GroupSize > 1 {
 		cacheBytes = 0 // not yet kept in step across a group's ranks: off

@@ -54,6 +54,7 @@ type upConfig struct {
 	MaxCrashes                int
 	PoisonAfter               int
 	Routing                   string
+	RoutingBalance            int
 	ProbationTokens           int
 	StartTimeout              time.Duration
 	Heartbeat, HeartbeatLimit time.Duration
@@ -135,6 +136,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.MaxQueueTokens, "max-queue-tokens", 1<<20, "prompt tokens that may wait (429 beyond)")
 	f.IntVar(&c.MaxCrashes, "max-crashes", 8, "a request that lived through this many worker crashes fails, whatever caused them (bounds retries when the pool keeps dying)")
 	f.IntVar(&c.PoisonAfter, "poison-after", 2, "a request in flight during a crash is retried alone on a worker (probation); one whose worker dies this many times while running it alone is declared poison and fails (1: convict at once, but a kill from outside that lands on a probation then fails an innocent request)")
+	f.IntVar(&c.RoutingBalance, "routing-balance", scheduler.DefaultRoutingConfig().BalanceAbs, "cache-aware routing goes to the least loaded worker instead when the busiest has more than this many requests in flight above the idlest (and 1.5x as many)")
 	f.StringVar(&c.Routing, "routing", scheduler.RoutingCacheAware, "which worker takes a request: cache-aware (the worker whose prompt cache holds most of the conversation, unless load is clearly imbalanced) or least-loaded")
 	f.IntVar(&c.ProbationTokens, "probation-tokens", 2, "tokens past its crash point a suspect must produce alone before it rejoins batching")
 	f.DurationVar(&c.StartTimeout, "start-timeout", 180*time.Second, "time a worker has to load the model and say hello")
