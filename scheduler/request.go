@@ -150,6 +150,7 @@ type Request struct {
 	// Routing (affinity.go): the prompt's block hashes (computed once), the
 	// blocks the chosen worker was predicted to hold, and the reply text.
 	blocks    []uint64
+	textBytes int // length of the prompt's canonical text
 	hashed    bool
 	predicted int
 	keepReply bool
@@ -191,7 +192,9 @@ func (r *Request) prefixBlocks(policy string) []uint64 {
 	if !r.hashed {
 		r.hashed = true
 		if policy == RoutingCacheAware && r.Prompt == nil {
-			r.blocks = blockHashes(canonical(&r.Input, ""))
+			text := canonical(&r.Input, "")
+			r.textBytes = len(text)
+			r.blocks = blockHashes(text)
 			r.keepReply = true
 		}
 	}

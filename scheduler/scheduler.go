@@ -667,7 +667,7 @@ func (s *Scheduler) rememberLocked(sl *slot, r *Request, cached int) {
 	if cached >= 0 && r.predicted > 0 && r.promptToks > 0 && !r.suspect {
 		// Blocks the worker really had: its cached tokens at the request's
 		// own bytes per token.
-		had := cached * len(canonical(&r.Input, "")) / r.promptToks / blockBytes
+		had := cached * r.textBytes / r.promptToks / blockBytes
 		if had < r.predicted/2 {
 			sl.index.shrink()
 			s.m.RoutingMispredictions.Inc()
