@@ -241,7 +241,7 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 		var r io.Reader = outR
 		if len(c.StdoutMarker) > 0 {
 			r = skipToMarker(outR, c.StdoutMarker, func(junk []byte) {
-				p.log.Warn("ignored output before the remote worker started (a login script that prints?)", "host", c.Host, "output", string(junk))
+				p.log.Warn("ignored output before the remote worker started (a login script that prints?)", "output", string(junk))
 			})
 		}
 		p.readLoop(r, onMsg)

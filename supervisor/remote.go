@@ -68,10 +68,10 @@ func (hs *Hosts) Remote() bool {
 	return false
 }
 
-// ringPorts is how many ports a group takes: one per address of every rank
+// PortsPerGroup is how many ports a group takes: one per address of every rank
 // (the ring backend listens on each, as mlx.launch allots them) and one for
 // rank 0's control link.
-func (hs *Hosts) ringPorts() int {
+func (hs *Hosts) PortsPerGroup() int {
 	n := 1
 	for _, h := range hs.Hosts {
 		n += len(h.IPs)

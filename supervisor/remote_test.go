@@ -33,8 +33,8 @@ func TestHostLocal(t *testing.T) {
 // first IP.
 func TestRingLayout(t *testing.T) {
 	hs := &Hosts{Hosts: []Host{{SSH: "a", IPs: []string{"10.0.0.1", "10.0.1.1"}}, {SSH: "b", IPs: []string{"10.0.0.2"}}, {SSH: "c", IPs: []string{"fe80::2"}}}}
-	if n := hs.ringPorts(); n != 5 {
-		t.Fatalf("ringPorts = %d, want 5 (4 addresses + control)", n)
+	if n := hs.PortsPerGroup(); n != 5 {
+		t.Fatalf("PortsPerGroup = %d, want 5 (4 addresses + control)", n)
 	}
 	ring, control := hs.ring(40000)
 	want := [][]string{{"10.0.0.1:40000", "10.0.1.1:40001"}, {"10.0.0.2:40002"}, {"[fe80::2]:40003"}}

@@ -66,6 +66,7 @@ type modelBuilder struct {
 	env    []string
 	log    *slog.Logger
 	parts  map[string]modelParts
+	hosts  *supervisor.Hosts // --hostfile: where each group's ranks run (nil: all here)
 }
 
 // load is the models.Loader: it starts the model's workers and returns once
@@ -111,6 +112,9 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 	pcfg := supervisor.DefaultConfig()
 	pcfg.Workers = spec.Workers
 	pcfg.GroupSize = spec.GroupSize
+	if spec.GroupSize > 1 {
+		pcfg.Hosts = b.hosts
+	}
 	pcfg.StartTimeout, pcfg.HeartbeatInterval, pcfg.HeartbeatTimeout = c.StartTimeout, c.Heartbeat, c.HeartbeatLimit
 	pcfg.ProgressTimeout, pcfg.StopGrace = c.ProgressTimeout, c.StopGrace
 	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20
