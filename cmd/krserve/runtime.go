@@ -29,7 +29,8 @@ type modelRuntime struct {
 }
 
 // MemoryBytes is the resident memory its workers report (their last pong);
-// for a worker that is a group of ranks, every rank's.
+// for a worker that is a group of ranks, every rank's on this machine (a
+// rank over ssh holds its memory on its own host: /stats shows no RSS for it).
 func (r *modelRuntime) MemoryBytes() int64 {
 	var n int64
 	for _, s := range r.Pool.Status() {

@@ -388,8 +388,16 @@ func runUp(parent context.Context, c upConfig) error {
 				return fmt.Errorf("model %q: %w", s.Name, err)
 			}
 		}
+		remote := 0 // ranks of each group on other machines
+		if hosts != nil && s.GroupSize > 1 {
+			for _, h := range hosts.Hosts {
+				if !h.Local() {
+					remote++
+				}
+			}
+		}
 		if est, detail, err := models.Estimate(models.EstimateInput{Dir: s.Path, Workers: s.Workers, Batch: max(s.BatchSize, c.TuneMax),
-			Dequantize: c.Dequantize, CPU: runtime.GOOS == "linux", Physical: physical}); err == nil {
+			Dequantize: c.Dequantize, CPU: runtime.GOOS == "linux", Physical: physical, GroupSize: s.GroupSize, RemoteRanks: remote}); err == nil {
 			s.Estimate = est
 			log.Info("model", "name", s.Name, "path", s.Path, "estimated_bytes", est, "estimate", detail,
 				"ttl", models.FormatTTL(s.TTL), "preload", s.Preload, "pin", s.Pin, "aliases", s.Aliases)
