@@ -1,8 +1,10 @@
 package models
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,15 +24,27 @@ type EstimateInput struct {
 	// (krserve_worker.worker.dequantize_for_cpu).
 	CPU      bool
 	Physical int64 // the machine's memory (0: unknown)
+	// GroupSize: ranks each worker is split over (0 or 1: one process);
+	// RemoteRanks: how many of them run on other machines (--hostfile),
+	// whose memory the estimate for this one leaves out.
+	GroupSize, RemoteRanks int
 }
 
-// Estimate is a model's bytes before it has been loaded: per worker, its
-// weights as the worker will hold them (the files on disk, times the
-// dequantization factor where the worker turns quantized weights into
-// float32) plus a KV cache for Batch sequences at the full context length.
-// The KV part is the worst case; once loaded, what the workers measure
-// replaces the whole estimate. detail says how it was reached.
+// Estimate is a model's bytes on this machine before it has been loaded:
+// per worker, its weights as the worker will hold them (the files on disk,
+// times the dequantization factor where the worker turns quantized weights
+// into float32) plus a KV cache for Batch sequences at the full context
+// length. The KV part is the worst case; once loaded, what the workers
+// measure replaces the whole estimate. detail says how it was reached.
+//
+// A worker that is a group of N ranks (tensor parallel, mlx-lm's shard())
+// holds per rank the tensors shard() leaves whole (embeddings, norms, the
+// output layer) plus 1/N of those it splits (the layers' *_proj
+// projections, read from the safetensors headers) and 1/N of the KV cache
+// (its KV heads); only the ranks on this machine count. The Python process
+// of each worker or rank (~100 MiB measured on Linux) is counted for none.
 func Estimate(in EstimateInput) (bytes int64, detail string, err error) {
+	group := in.GroupSize > 1
 	disk, err := weightBytes(in.Dir)
 	if err != nil {
 		return 0, "", err
@@ -50,6 +64,7 @@ func Estimate(in EstimateInput) (bytes int64, detail string, err error) {
 		perWeight := float64(cfg.Bits) + 32/float64(max(cfg.GroupSize, 1))
 		f32 := int64(float64(disk) * 32 / perWeight)
 		deq := in.Dequantize == "on" || (in.Dequantize == "auto" && in.CPU && (in.Physical == 0 || f32 <= in.Physical/4))
+		deq = deq && !group // a group's sharded layers are not nn.QuantizedLinear: kept as stored
 		if deq {
 			weights, elem = f32, 4
 			how = fmt.Sprintf("%d-bit weights dequantized to float32 (x%.1f)", cfg.Bits, 32/perWeight)
@@ -61,10 +76,112 @@ func Estimate(in EstimateInput) (bytes int64, detail string, err error) {
 	}
 	kv := 2 * int64(cfg.Layers) * int64(cfg.KVHeads) * int64(cfg.HeadDim) * int64(cfg.Context) * int64(max(in.Batch, 1)) * elem
 	workers := int64(max(in.Workers, 1))
+	if group {
+		total, detail := groupEstimate(in, disk, kv, how)
+		return workers * total, fmt.Sprintf("%d worker(s) x %s", workers, detail), nil
+	}
 	total := workers * (weights + kv)
 	detail = fmt.Sprintf("%d worker(s) x (%s %s + KV %s for %d sequences of %d tokens)",
 		workers, FormatBytes(weights), how, FormatBytes(kv), max(in.Batch, 1), cfg.Context)
 	return total, detail, nil
+}
+
+// groupEstimate is one worker's bytes on this machine when it is a group:
+// its local ranks, each with the weights shard() leaves whole, its share of
+// the split ones and of the KV cache (whole: one process's).
+func groupEstimate(in EstimateInput, disk, kv int64, how string) (int64, string) {
+	n := int64(in.GroupSize)
+	local := max(n-int64(max(in.RemoteRanks, 0)), 0)
+	split, whole, ok := weightSplit(in.Dir)
+	weights := fmt.Sprintf("%s whole + 1/%d of %s split (%s)", FormatBytes(whole), n, FormatBytes(split), how)
+	if !ok { // no safetensors header to read: every rank counted with all of it
+		split, whole = 0, disk
+		weights = fmt.Sprintf("%s %s, split unknown: counted whole", FormatBytes(disk), how)
+	}
+	perRank := whole + split/n + kv/n
+	return local * perRank, fmt.Sprintf("%d of %d ranks here x (%s + KV %s/%d)", local, n, weights, FormatBytes(kv), n)
+}
+
+// weightSplit reads the safetensors headers in dir and returns the bytes of
+// the tensors a tensor-parallel shard() splits over the ranks (those in a
+// layer whose name has a *_proj component: attention and MLP projections,
+// with a quantized one's scales and biases) and of the rest, which every rank
+// holds whole. ok is false without a readable safetensors file.
+func weightSplit(dir string) (split, whole int64, ok bool) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, 0, false
+	}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".safetensors") {
+			continue
+		}
+		tensors, err := safetensorsHeader(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return 0, 0, false
+		}
+		for name, size := range tensors {
+			if isSplit(name) {
+				split += size
+			} else {
+				whole += size
+			}
+		}
+		ok = true
+	}
+	return split, whole, ok
+}
+
+func isSplit(name string) bool {
+	if !strings.HasPrefix(name, "layers.") && !strings.Contains(name, ".layers.") {
+		return false
+	}
+	for _, part := range strings.Split(name, ".") {
+		if strings.HasSuffix(part, "_proj") {
+			return true
+		}
+	}
+	return false
+}
+
+// safetensorsHeader is each tensor's size in bytes, from a safetensors
+// file's header (8-byte little-endian length, then JSON).
+func safetensorsHeader(path string) (map[string]int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var n [8]byte
+	if _, err := io.ReadFull(f, n[:]); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	size := binary.LittleEndian.Uint64(n[:])
+	if size == 0 || size > 100<<20 {
+		return nil, fmt.Errorf("%s: header of %d bytes", path, size)
+	}
+	b := make([]byte, size)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	var h map[string]json.RawMessage
+	if err := json.Unmarshal(b, &h); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	out := map[string]int64{}
+	for name, raw := range h {
+		if name == "__metadata__" {
+			continue
+		}
+		var t struct {
+			Offsets [2]int64 `json:"data_offsets"`
+		}
+		if err := json.Unmarshal(raw, &t); err != nil {
+			return nil, fmt.Errorf("%s: tensor %s: %w", path, name, err)
+		}
+		out[name] = t.Offsets[1] - t.Offsets[0]
+	}
+	return out, nil
 }
 
 func weightBytes(dir string) (int64, error) {

@@ -28,6 +28,11 @@ package supervisor
 //	linger             sleeps 20 s (a grandchild that outlives the worker)
 //	no-read            hello, then never reads stdin again
 //	close-stdin        hello, closes stdin, pong (seq 1), exits with code 5 after delay (default 1 s)
+//	ssh                stands for ssh and the remote wrapper of a follower:
+//	                   prints a login banner, then the wrapper's marker; writes
+//	                   its arguments and the preamble to the file named by
+//	                   KRSERVE_FAKE_SSH_LOG; exits 42 after k (default 3)
+//	                   keep-alive frames, 43 on anything else on stdin
 //
 // Options: k, sig (SEGV, ABRT, KILL, BUS), code, delay, tokdelay (between
 // tokens), on (ping or gen: what triggers a garbage mode), rss (pong rss),
@@ -44,6 +49,7 @@ package supervisor
 // across workers always gives fakeText(0, max_tokens).
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -194,6 +200,9 @@ func runFake(spec string) int {
 	f := &fakeWorker{mode: mode, opt: opt, out: os.Stdout, cancels: map[uint64]chan struct{}{}}
 	pid := os.Getpid()
 
+	if mode == "ssh" {
+		return fakeSSH(f)
+	}
 	// A follower of a group (MLX_RANK > 0) never speaks the protocol: it
 	// reports its environment on stderr and runs until its stdin closes
 	// (the group's stop: a real follower exits on its leader's word), then
@@ -464,4 +473,27 @@ func (f *fakeWorker) gen(m ipc.Message, cancel chan struct{}) {
 		}
 	}
 	f.send(&ipc.Message{T: ipc.TDone, ID: m.ID, Reason: "length", PToks: len(m.Prompt) + len(m.Resume), CToks: m.MaxTokens, Text: pending})
+}
+
+// fakeSSH is mode ssh (see the list of modes).
+func fakeSSH(f *fakeWorker) int {
+	fmt.Print("Last login: yesterday\n")
+	os.Stdout.Write(remoteMarker)
+	pre, err := ipc.ReadFrame(os.Stdin, nil)
+	if err != nil {
+		logf("no preamble: %v", err)
+		return 44
+	}
+	doc, _ := json.Marshal(map[string]any{"args": os.Args[1:], "preamble": string(pre)})
+	if err := os.WriteFile(os.Getenv("KRSERVE_FAKE_SSH_LOG"), doc, 0o644); err != nil {
+		logf("log: %v", err)
+		return 45
+	}
+	var hdr [4]byte
+	for n := 0; n < f.optInt("k", 3); n++ {
+		if _, err := io.ReadFull(os.Stdin, hdr[:]); err != nil || hdr != [4]byte{} {
+			return 43
+		}
+	}
+	return 42
 }

@@ -40,17 +40,27 @@ type Group struct {
 	exit    *Exit // set before done closes
 	done    chan struct{}
 	tempDir string // the host file's directory, removed at the end
+
+	where     []string      // per rank: the host it was started on over ssh, "" for this machine
+	release   func()        // gives back the group's ports (hosts)
+	quit      chan struct{} // closed by join: keepalive ends
+	keptAlive chan struct{} // closed when keepalive has ended
 }
 
-// StartGroup starts size ranks of cmd (size 1: the plain worker, nothing
-// added). For more, it writes a ring host file of free loopback ports and
-// gives each rank MLX_RANK, MLX_HOSTFILE, KRSERVE_GROUP_ADDR (the leader's
-// control address, where followers take each step's work) and
-// KRSERVE_GROUP_TOKEN (a fresh secret the followers show it). onMsg hears
-// the leader's frames; a follower that writes a frame is broken, except a
-// fatal error report (id 0), which onFatal hears.
-func StartGroup(id, size int, cmd Command, log *slog.Logger, onMsg func(*ipc.Message) error, onFatal func(rank int, msg string)) (*Group, error) {
-	if size <= 1 {
+// StartGroup starts size ranks of cmd (size 1 without hosts: the plain
+// worker, nothing added). For more, it lays out the ring backend's host file
+// (free loopback ports, or with hosts each host's IPs and a block of
+// hosts.Ports) and gives each rank MLX_RANK, MLX_HOSTFILE, KRSERVE_GROUP_ADDR
+// (the leader's control address, where followers take each step's work) and
+// KRSERVE_GROUP_TOKEN (a fresh secret the followers show it). A rank on a
+// remote host is started over ssh (Hosts). onMsg hears the leader's frames;
+// a follower that writes a frame is broken, except a fatal error report (id
+// 0), which onFatal hears.
+func StartGroup(id, size int, hosts *Hosts, cmd Command, log *slog.Logger, onMsg func(*ipc.Message) error, onFatal func(rank int, msg string)) (*Group, error) {
+	if hosts != nil && len(hosts.Hosts) != size {
+		return nil, fmt.Errorf("worker %d: a group of %d ranks on %d hosts", id, size, len(hosts.Hosts))
+	}
+	if size <= 1 && hosts == nil {
 		p, err := Start(id, cmd, log, onMsg)
 		if err != nil {
 			return nil, err
@@ -58,51 +68,138 @@ func StartGroup(id, size int, cmd Command, log *slog.Logger, onMsg func(*ipc.Mes
 		return &Group{PID: p.PID, ranks: []*Process{p}, first: -1, done: p.done}, nil
 	}
 	g := &Group{first: -1, done: make(chan struct{})}
-	ports, err := freePorts(size + 1)
-	if err != nil {
-		return nil, fmt.Errorf("worker %d: ports for a group of %d: %w", id, size, err)
+	var ring [][]string
+	var control string
+	if hosts == nil {
+		ports, err := freePorts(size + 1)
+		if err != nil {
+			return nil, fmt.Errorf("worker %d: ports for a group of %d: %w", id, size, err)
+		}
+		for r := range size {
+			ring = append(ring, []string{net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[r]))})
+		}
+		control = net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[size]))
+	} else {
+		first, release, err := hosts.Ports.Acquire()
+		if err != nil {
+			return nil, fmt.Errorf("worker %d: %w", id, err)
+		}
+		g.release = release
+		ring, control = hosts.ring(first)
 	}
-	hosts := make([][]string, size)
-	for r := range size {
-		hosts[r] = []string{net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[r]))}
+	ringJSON, _ := json.Marshal(ring)
+	var hostfile string
+	if hosts == nil || !allRemote(hosts.Hosts) { // a rank on this machine reads it
+		var err error
+		if g.tempDir, err = os.MkdirTemp("", "krserve-group-"); err != nil {
+			g.cleanup()
+			return nil, fmt.Errorf("worker %d: host file: %w", id, err)
+		}
+		hostfile = filepath.Join(g.tempDir, "hostfile.json")
+		if err := os.WriteFile(hostfile, ringJSON, 0o600); err != nil {
+			g.cleanup()
+			return nil, fmt.Errorf("worker %d: host file: %w", id, err)
+		}
 	}
-	if g.tempDir, err = os.MkdirTemp("", "krserve-group-"); err != nil {
-		return nil, fmt.Errorf("worker %d: host file: %w", id, err)
-	}
-	hostfile := filepath.Join(g.tempDir, "hostfile.json")
-	b, _ := json.Marshal(hosts)
-	if err := os.WriteFile(hostfile, b, 0o600); err != nil {
-		os.RemoveAll(g.tempDir)
-		return nil, fmt.Errorf("worker %d: host file: %w", id, err)
-	}
-	control := net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[size]))
 	var secret [16]byte
 	if _, err := rand.Read(secret[:]); err != nil {
-		os.RemoveAll(g.tempDir)
+		g.cleanup()
 		return nil, fmt.Errorf("worker %d: group token: %w", id, err)
 	}
-	token := hex.EncodeToString(secret[:])
+	token := "KRSERVE_GROUP_TOKEN=" + hex.EncodeToString(secret[:])
 	for r := range size {
+		vars := []string{"MLX_RANK=" + strconv.Itoa(r), "KRSERVE_GROUP_ADDR=" + control}
 		c := cmd
-		c.Env = withEnv(cmd.Env, "MLX_RANK="+strconv.Itoa(r), "MLX_HOSTFILE="+hostfile, "KRSERVE_GROUP_ADDR="+control, "KRSERVE_GROUP_TOKEN="+token)
+		where := ""
+		if hosts == nil || hosts.Hosts[r].Local() {
+			var extra []string
+			if hosts != nil {
+				extra = append(extra, hosts.Env...)
+			}
+			extra = append(append(extra, vars...), "MLX_HOSTFILE="+hostfile, token)
+			c.Env = withEnv(cmd.Env, extra...)
+		} else {
+			where = hosts.Hosts[r].SSH
+			var err error
+			if c, err = hosts.remoteCommand(r, hosts.Hosts[r], cmd, append(vars, "KRSERVE_RING_HOSTS="+string(ringJSON)), []string{token}); err != nil {
+				g.abort(fmt.Errorf("rank %d of its group failed to start", r))
+				return nil, fmt.Errorf("rank %d: %w", r, err)
+			}
+		}
 		on := onMsg
 		if r > 0 {
 			on = followerFrames(r, onFatal)
 		}
-		p, err := Start(id, c, log.With("rank", r), on)
+		rlog := log.With("rank", r)
+		if where != "" {
+			rlog = rlog.With("host", where)
+		}
+		p, err := Start(id, c, rlog, on)
 		if err != nil {
-			for _, q := range g.ranks {
-				q.Kill(fmt.Errorf("rank %d of its group failed to start", r))
-				<-q.Done()
-			}
-			os.RemoveAll(g.tempDir)
+			g.abort(fmt.Errorf("rank %d of its group failed to start", r))
 			return nil, fmt.Errorf("rank %d: %w", r, err)
 		}
 		g.ranks = append(g.ranks, p)
+		g.where = append(g.where, where)
 	}
 	g.PID = g.ranks[0].PID
+	if hosts != nil && hosts.Remote() && hosts.Keepalive > 0 {
+		g.quit, g.keptAlive = make(chan struct{}), make(chan struct{})
+		go g.keepalive(hosts.Keepalive)
+	}
 	go g.join()
 	return g, nil
+}
+
+func allRemote(hs []Host) bool {
+	for _, h := range hs {
+		if h.Local() {
+			return false
+		}
+	}
+	return true
+}
+
+// abort ends a group whose start failed part way: it kills and reaps the
+// ranks started so far and gives back what the group held.
+func (g *Group) abort(why error) {
+	for _, q := range g.ranks {
+		q.Kill(why)
+		<-q.Done()
+	}
+	g.cleanup()
+}
+
+// cleanup removes the group's host file and gives back its ports.
+func (g *Group) cleanup() {
+	if g.tempDir != "" {
+		os.RemoveAll(g.tempDir)
+	}
+	if g.release != nil {
+		g.release()
+	}
+}
+
+// keepalive writes an empty frame to every remote rank's ssh at each tick,
+// until join closes quit: the rank's wrapper ends the rank when nothing comes
+// for its idle limit, which is how a rank learns that the network to the
+// supervisor is cut.
+func (g *Group) keepalive(every time.Duration) {
+	defer close(g.keptAlive)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.quit:
+			return
+		case <-t.C:
+			for r, p := range g.ranks {
+				if g.where[r] != "" {
+					_ = p.Send(keepaliveFrame) // a rank that is gone: its exit says why
+				}
+			}
+		}
+	}
 }
 
 // followerFrames is a follower's frame handler: it must say nothing but a
@@ -148,8 +245,12 @@ func (g *Group) join() {
 		}
 	}
 	wg.Wait()
+	if g.quit != nil {
+		close(g.quit)
+		<-g.keptAlive
+	}
 	g.exit = g.groupExit()
-	os.RemoveAll(g.tempDir)
+	g.cleanup()
 	close(g.done)
 }
 
@@ -236,19 +337,29 @@ type RankStatus struct {
 	Alive bool   `json:"alive"`
 	State string `json:"state"` // running, sleeping, stopped (SIGSTOP), zombie, exited; "" where unknown
 	RSS   int64  `json:"rss_bytes,omitempty"`
+	// Host: a rank started over ssh on this host. Its PID and State are its
+	// local ssh process's, and its memory (on that host) is not measured.
+	Host string `json:"host,omitempty"`
 }
 
 // RankStatus reports every rank: alive until reaped, and where /proc
-// exists its scheduler state and resident memory.
+// exists its scheduler state and resident memory (a remote rank's ssh
+// process: its state only).
 func (g *Group) RankStatus() []RankStatus {
 	out := make([]RankStatus, len(g.ranks))
 	for r, p := range g.ranks {
 		st := RankStatus{Rank: r, PID: p.PID, Alive: true}
+		if g.where != nil {
+			st.Host = g.where[r]
+		}
 		select {
 		case <-p.exited:
 			st.Alive, st.State = false, "exited"
 		default:
 			st.State, st.RSS = procState(p.PID)
+			if st.Host != "" {
+				st.RSS = 0
+			}
 		}
 		out[r] = st
 	}

@@ -19,7 +19,7 @@ func startFakeGroup(t *testing.T, size int, spec string) (*Group, chan *ipc.Mess
 	t.Helper()
 	frames := make(chan *ipc.Message, 64)
 	fatals := make(chan string, 8)
-	g, err := StartGroup(0, size, fakeCommand(t, spec), testLog(), func(m *ipc.Message) error {
+	g, err := StartGroup(0, size, nil, fakeCommand(t, spec), testLog(), func(m *ipc.Message) error {
 		c := *m
 		frames <- &c
 		return nil

@@ -30,7 +30,10 @@ type Config struct {
 	Command func(slot int) Command
 	// GroupSize: processes per worker (a group of ranks, Group); 0 or 1 is
 	// one process. Each rank runs Command with its rank's environment.
-	GroupSize         int
+	GroupSize int
+	// Hosts: where each group's ranks run (--hostfile; GroupSize is its
+	// length); nil: every rank on this machine.
+	Hosts             *Hosts
 	StartTimeout      time.Duration // from spawn to hello
 	HeartbeatInterval time.Duration
 	HeartbeatTimeout  time.Duration // no pong for this long: wedged
@@ -346,7 +349,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Grou
 		log.Error("worker rank reported a fatal error", "rank", rank, "msg", msg)
 		setFatal(fmt.Sprintf("rank %d: %s", rank, msg))
 	}
-	proc, err := StartGroup(s.id, p.cfg.GroupSize, p.cfg.Command(s.id), log, onMsg, onFatal)
+	proc, err := StartGroup(s.id, p.cfg.GroupSize, p.cfg.Hosts, p.cfg.Command(s.id), log, onMsg, onFatal)
 	if err != nil {
 		return nil, err
 	}

@@ -32,6 +32,12 @@ type Command struct {
 	Args []string // arguments after Path
 	Env  []string // complete environment; nothing is inherited
 	Dir  string
+	// A rank on another host (Hosts): Host names it; Preamble is written to
+	// stdin before anything else; stdout up to StdoutMarker is not the
+	// worker's (the remote login shell's chatter) and is logged, not read.
+	Host         string
+	Preamble     []byte
+	StdoutMarker []byte
 }
 
 // Exit describes how a worker process ended.
@@ -44,8 +50,10 @@ type Exit struct {
 	Uptime   time.Duration
 	Intended bool // the supervisor asked it to stop
 	// Rank and GroupSize: in a group of more than one (Group), the rank
-	// whose exit this is.
+	// whose exit this is. Host: the host it ran on, for a rank over ssh
+	// (whose exit is its ssh's: the wrapper's status, 128+N for signal N).
 	Rank, GroupSize int
+	Host            string
 }
 
 // SignalName is e.g. "SIGSEGV", or "" for a normal exit.
@@ -60,6 +68,9 @@ func (e *Exit) String() string {
 	var b strings.Builder
 	if e.GroupSize > 1 {
 		fmt.Fprintf(&b, "rank %d of %d ", e.Rank, e.GroupSize)
+	}
+	if e.Host != "" {
+		fmt.Fprintf(&b, "(on %s, over ssh) ", e.Host)
 	}
 	if e.Signal != 0 {
 		fmt.Fprintf(&b, "killed by %s", e.SignalName())
@@ -82,13 +93,15 @@ func (e *Exit) String() string {
 
 // tellingLine picks the stderr line that says most about a death: the last
 // one naming an error (a Python exception, faulthandler's "Fatal Python
-// error: Segmentation fault", a fault injected on purpose), else the last
+// error: Segmentation fault", a fault injected on purpose, a remote rank's
+// wrapper saying how its worker ended), else the last
 // line that is not faulthandler's list of extension modules.
 func tellingLine(lines []string) string {
 	for i := len(lines) - 1; i >= 0; i-- {
 		l := lines[i]
 		if strings.HasPrefix(l, "Fatal Python error") || strings.Contains(l, "Error:") ||
-			strings.Contains(l, "Exception:") || strings.Contains(l, "fault injection:") {
+			strings.Contains(l, "Exception:") || strings.Contains(l, "fault injection:") ||
+			strings.HasPrefix(l, "krserve-remote:") && !strings.Contains(l, ": started pid ") {
 			return l
 		}
 	}
@@ -106,6 +119,7 @@ type Process struct {
 	ID  int
 	PID int
 
+	host    string // Command.Host
 	cmd     *exec.Cmd
 	started time.Time
 	log     *slog.Logger
@@ -137,6 +151,7 @@ type Process struct {
 func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) (*Process, error) {
 	p := &Process{
 		ID:       id,
+		host:     c.Host,
 		log:      log,
 		tail:     newTailWriter(log, 40),
 		out:      make(chan []byte, 256),
@@ -223,7 +238,13 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 	go func() { // stdout: frames
 		defer readers.Done()
 		defer outR.Close()
-		p.readLoop(outR, onMsg)
+		var r io.Reader = outR
+		if len(c.StdoutMarker) > 0 {
+			r = skipToMarker(outR, c.StdoutMarker, func(junk []byte) {
+				p.log.Warn("ignored output before the remote worker started (a login script that prints?)", "output", string(junk))
+			})
+		}
+		p.readLoop(r, onMsg)
 	}()
 	if p.in, err = inW.SyscallConn(); err != nil {
 		p.in = nil // Send then always queues
@@ -266,6 +287,9 @@ func Start(id int, c Command, log *slog.Logger, onMsg func(*ipc.Message) error) 
 			}
 		}
 	}()
+	if len(c.Preamble) > 0 {
+		_ = p.Send(c.Preamble) // first on stdin; an error is the process's exit, seen by the reaper
+	}
 	go func() { // the one reaper
 		<-reaped
 		readers.Wait()
@@ -448,7 +472,7 @@ func waitExited(pid int) bool {
 }
 
 func classify(waitErr error, p *Process) *Exit {
-	e := &Exit{Code: 0, At: time.Now(), Uptime: time.Since(p.started), Stderr: p.tail.lines()}
+	e := &Exit{Code: 0, At: time.Now(), Uptime: time.Since(p.started), Stderr: p.tail.lines(), Host: p.host}
 	p.mu.Lock()
 	failErr := p.failErr
 	p.mu.Unlock()

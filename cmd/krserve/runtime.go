@@ -29,7 +29,8 @@ type modelRuntime struct {
 }
 
 // MemoryBytes is the resident memory its workers report (their last pong);
-// for a worker that is a group of ranks, every rank's.
+// for a worker that is a group of ranks, every rank's on this machine (a
+// rank over ssh holds its memory on its own host: /stats shows no RSS for it).
 func (r *modelRuntime) MemoryBytes() int64 {
 	var n int64
 	for _, s := range r.Pool.Status() {
@@ -66,6 +67,7 @@ type modelBuilder struct {
 	env    []string
 	log    *slog.Logger
 	parts  map[string]modelParts
+	hosts  *supervisor.Hosts // --hostfile: where each group's ranks run (nil: all here)
 }
 
 // load is the models.Loader: it starts the model's workers and returns once
@@ -111,6 +113,9 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 	pcfg := supervisor.DefaultConfig()
 	pcfg.Workers = spec.Workers
 	pcfg.GroupSize = spec.GroupSize
+	if spec.GroupSize > 1 {
+		pcfg.Hosts = b.hosts
+	}
 	pcfg.StartTimeout, pcfg.HeartbeatInterval, pcfg.HeartbeatTimeout = c.StartTimeout, c.Heartbeat, c.HeartbeatLimit
 	pcfg.ProgressTimeout, pcfg.StopGrace = c.ProgressTimeout, c.StopGrace
 	pcfg.RecycleRequests, pcfg.RecycleRSS = c.RecycleRequests, int64(c.RecycleRSSMB)<<20

@@ -120,6 +120,7 @@ type statusDoc struct {
 			Alive bool   `json:"alive"`
 			State string `json:"state"`
 			RSS   int64  `json:"rss_bytes"`
+			Host  string `json:"host"`
 		} `json:"ranks"`
 	} `json:"workers"`
 }
@@ -221,6 +222,10 @@ func printStatus(w io.Writer, body []byte) error {
 			}
 			if r.State != "" {
 				alive += " (" + r.State + ")"
+			}
+			if r.Host != "" { // over ssh: the pid and state are its ssh's, its memory is on that host
+				fmt.Fprintf(tw, "  rank %d\t%s\t%d\t\t\t\t\ton %s\t\t\n", r.Rank, alive, r.PID, r.Host)
+				continue
 			}
 			fmt.Fprintf(tw, "  rank %d\t%s\t%d\t\t\t\t\t%.0f MiB\t\t\n", r.Rank, alive, r.PID, float64(r.RSS)/(1<<20))
 		}

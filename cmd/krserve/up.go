@@ -36,6 +36,8 @@ type upConfig struct {
 	Python, Host              string
 	Port, Workers             int
 	GroupSize                 int
+	HostFile, SSH             string
+	RingPort                  int
 	MetricsAddr               string
 	LogFormat, LogLevel       string
 	LogPrompts                bool
@@ -114,7 +116,10 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.StringVar(&c.Host, "host", "127.0.0.1", "address to listen on; binding beyond loopback is an explicit choice")
 	f.IntVar(&c.Port, "port", 8080, "port to listen on")
 	f.IntVar(&c.Workers, "workers", 1, "worker processes")
-	f.IntVar(&c.GroupSize, "group-size", 1, "processes (ranks) each worker is split over with mlx.distributed (ring backend over loopback, tensor parallel with mlx-lm's sharded loading); the model's attention and KV heads must divide by it; the ranks are one crash domain: any rank's death or a stalled group restarts them all (README: A worker that is a group of ranks)")
+	f.IntVar(&c.GroupSize, "group-size", 1, "processes (ranks) each worker is split over with mlx.distributed (ring backend over loopback, or on several machines with --hostfile; tensor parallel with mlx-lm's sharded loading); the model's attention and KV heads must divide by it; the ranks are one crash domain: any rank's death or a stalled group restarts them all (README: A worker that is a group of ranks)")
+	f.StringVar(&c.HostFile, "hostfile", "", "run each worker as a group of ranks on the machines of this mlx host file (JSON: [{\"ssh\": \"mac1\", \"ips\": [\"10.0.0.1\"]}, ...], or mlx.launch's object with \"hosts\" and \"envs\"): rank r on host r, the group size is the number of hosts; a host whose \"ssh\" is 127.0.0.1 or localhost runs here, every other one through --ssh, as mlx.launch does; the ring backend and rank 0's control link use the hosts' \"ips\"; the model, the Python (--python) and krserve_worker must be at the same paths on every host (docs/deploy.md: Ranks on several machines)")
+	f.StringVar(&c.SSH, "ssh", "ssh", "with --hostfile: the ssh command, with any options (e.g. \"ssh -i ~/.ssh/cluster -o ConnectTimeout=5\"); krserve adds -T -o BatchMode=yes, which options given here override")
+	f.IntVar(&c.RingPort, "ring-port", 32323, "with --hostfile: first TCP port of the ring backend and rank 0's control link (mlx.launch's default); a group takes one port per address of each host plus one, and a restarted group the next such block, over 64 blocks")
 	f.StringVar(&c.MetricsAddr, "metrics-addr", "", "also serve /metrics on this address (e.g. 127.0.0.1:9090)")
 	f.StringVar(&c.LogFormat, "log-format", "text", "text or json")
 	f.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
@@ -317,8 +322,27 @@ func runUp(parent context.Context, c upConfig) error {
 	for _, v := range c.Models {
 		flagModels = append(flagModels, parseModelFlag(v, c.API.ModelName))
 	}
+	var hf *hostFile
+	groupSet := c.given["group-size"]
+	if c.HostFile != "" {
+		if hf, err = loadHostFile(c.HostFile); err != nil {
+			return err
+		}
+		n := len(hf.Hosts)
+		if groupSet && c.GroupSize != n {
+			return fmt.Errorf("--group-size %d, but --hostfile %s lists %d hosts: with a host file the group size is its number of hosts (leave out --group-size)", c.GroupSize, c.HostFile, n)
+		}
+		for _, e := range fileModels {
+			if e.GroupSize > 0 && e.GroupSize != n {
+				return fmt.Errorf("%s: model %q has group_size %d, but --hostfile %s lists %d hosts (with a host file the group size is its number of hosts)", c.ConfigFile, e.Name, e.GroupSize, c.HostFile, n)
+			}
+		}
+		c.GroupSize, groupSet = n, true
+	} else if c.given["ssh"] || c.given["ring-port"] {
+		log.Warn("--ssh and --ring-port apply to --hostfile only; ignored")
+	}
 	specs, err := mergeModels(fileModels, flagModels, modelSettings{Workers: c.Workers, BatchSize: c.BatchSize,
-		GroupSize: c.GroupSize, WorkersSet: c.given["workers"], BatchSet: c.given["batch-size"], GroupSet: c.given["group-size"]})
+		GroupSize: c.GroupSize, WorkersSet: c.given["workers"], BatchSet: c.given["batch-size"], GroupSet: groupSet})
 	if err != nil {
 		return err
 	}
@@ -327,6 +351,19 @@ func runUp(parent context.Context, c upConfig) error {
 
 	python := findPython(c.Python)
 	env := workerEnv(os.Environ(), !c.AllowOnline)
+	var hosts *supervisor.Hosts
+	if hf != nil {
+		if hosts, err = groupHosts(hf, c, python); err != nil {
+			return err
+		}
+		for r, h := range hosts.Hosts {
+			how := "over " + hosts.SSH[0]
+			if h.Local() {
+				how = "on this machine"
+			}
+			log.Info("group rank", "rank", r, "host", h.SSH, "ips", h.IPs, "started", how)
+		}
+	}
 	if len(specs) == 0 {
 		t0 := time.Now()
 		dir, err := prepareDefaultModel(sigCtx, python, blasThreads(env, runtime.NumCPU(), c.Workers), log)
@@ -351,8 +388,16 @@ func runUp(parent context.Context, c upConfig) error {
 				return fmt.Errorf("model %q: %w", s.Name, err)
 			}
 		}
+		remote := 0 // ranks of each group on other machines
+		if hosts != nil && s.GroupSize > 1 {
+			for _, h := range hosts.Hosts {
+				if !h.Local() {
+					remote++
+				}
+			}
+		}
 		if est, detail, err := models.Estimate(models.EstimateInput{Dir: s.Path, Workers: s.Workers, Batch: max(s.BatchSize, c.TuneMax),
-			Dequantize: c.Dequantize, CPU: runtime.GOOS == "linux", Physical: physical}); err == nil {
+			Dequantize: c.Dequantize, CPU: runtime.GOOS == "linux", Physical: physical, GroupSize: s.GroupSize, RemoteRanks: remote}); err == nil {
 			s.Estimate = est
 			log.Info("model", "name", s.Name, "path", s.Path, "estimated_bytes", est, "estimate", detail,
 				"ttl", models.FormatTTL(s.TTL), "preload", s.Preload, "pin", s.Pin, "aliases", s.Aliases)
@@ -387,7 +432,7 @@ func runUp(parent context.Context, c upConfig) error {
 	}
 	mset := m.Models(names, models.States, models.LoadResults, models.EvictReasons)
 	mset.Budget.Set(float64(budget))
-	builder := &modelBuilder{c: c, python: python, env: env, log: log, parts: parts}
+	builder := &modelBuilder{c: c, python: python, env: env, log: log, parts: parts, hosts: hosts}
 	mgr, err := models.New(models.Config{
 		Models: specs, Load: builder.load, MemoryBudget: budget, MaxLoaded: maxLoaded, MaxWaiting: c.ModelMaxWaiting,
 		LoadTimeout: c.LoadTimeout, MinResidency: c.MinResidency, AgeCap: c.SwapAgeCap, Log: log,
