@@ -285,26 +285,27 @@ def _calls_of(parsed) -> list[dict]:
     return out
 
 
-def _closing_hold(tail: str, end: str) -> int:
-    """How many characters at the end of ``tail``, a streamed call's arguments
-    so far, may still be the call's closing rather than arguments: whitespace,
-    ``}`` (the call object's), whitespace and a beginning of the end marker.
-    What is held is never more than that, so a fragment is never retracted."""
-    best = len(tail)
+def _closing_at(text: str, start: int, end: str) -> int:
+    """Where the tail of ``text[start:]``, a streamed call's arguments so far,
+    that may still be the call's closing rather than arguments begins:
+    whitespace, ``}`` (the call object's), whitespace and a beginning of the
+    end marker. What is held is never more than that, so a fragment is never
+    retracted. (Looks at the tail only: each token costs its own length.)"""
+    best = len(text)
     for k in range(len(end)):
-        if k and not tail.endswith(end[:k]):
+        if k and not text.endswith(end[:k]):
             continue
-        j = len(tail) - k
-        while j and tail[j - 1] in _WS:
+        j = len(text) - k
+        while j > start and text[j - 1] in _WS:
             j -= 1
-        if j and tail[j - 1] == "}":
+        if j > start and text[j - 1] == "}":
             j -= 1
-            while j and tail[j - 1] in _WS:
+            while j > start and text[j - 1] in _WS:
                 j -= 1
         elif k:
             continue
         best = min(best, j)
-    return len(tail) - best
+    return max(best, start)
 
 
 class CallStream:
@@ -327,7 +328,7 @@ class CallStream:
     the grammar makes the text a valid json_tools call as it is produced):
     once a call's name is complete its header entry (name, arguments "") is
     returned, then its arguments text in fragments as it arrives, holding back
-    only what may be the call's closing (``_closing_hold``). The fragments
+    only what may be the call's closing (``_closing_at``). The fragments
     assemble to ``raw_call``'s arguments, as the whole call would give. An end
     marker inside a string of the arguments does not end the call (text that
     does not parse yet cannot be the whole call). A call cut short
@@ -451,11 +452,11 @@ class CallStream:
             self.whole = body[self.args_at] != "{"
         if self.whole:
             return
-        tail = body[self.args_at:]
-        upto = len(tail) - _closing_hold(tail, self.fmt.end)
-        if upto > self.args_sent:
-            self._entry(self.begun - 1, None, tail[self.args_sent:upto], calls)
-            self.args_sent = upto
+        sent = self.args_at + self.args_sent
+        upto = _closing_at(body, sent, self.fmt.end)
+        if upto > sent:
+            self._entry(self.begun - 1, None, body[sent:upto], calls)
+            self.args_sent = upto - self.args_at
 
     def _close(self, body: str, calls: list) -> None:
         """End the streamed call whose text is ``body``: the rest of its
@@ -524,6 +525,8 @@ class CallStream:
             if j >= 0 and self.stream and not self._ends_call(self.buf[:j]):
                 self.end_from = j + len(end)  # the marker is inside a string of the arguments
                 continue
+            if j < 0 and end:  # not in what is here: the next search starts at its last chance
+                self.end_from = max(self.end_from, len(self.buf) - len(end) + 1)
             if j >= 0:
                 body, self.buf = self.buf[:j], self.buf[j + len(end):]
                 self.in_call, self.end_from = False, 0
