@@ -410,9 +410,12 @@ func (w *fakeWorker) emit() bool {
 		w.mu.Unlock()
 		tok := &ipc.Message{T: ipc.TTok, ID: id, IDs: []int32{int32(3 + i%900)}, Text: fmt.Sprintf("w%d ", i)}
 		if st.m.Tools != "" && st.m.ToolChoice != "none" && i%2 == 1 {
-			// A gen with tools: every odd token completes a call of the named
-			// (or a fixed) function instead of adding text.
-			tok.Text, tok.Calls = "", []ipc.ToolCall{{Name: cmp.Or(st.m.ToolName, "f"), Arguments: fmt.Sprintf(`{"i":%d}`, i)}}
+			// A gen with tools: every odd token makes a call of the named (or
+			// a fixed) function instead of adding text, in three entries as a
+			// streamed call comes: its header, then two arguments fragments.
+			k := i / 2
+			tok.Text, tok.Calls = "", []ipc.ToolCall{{Index: k, Name: cmp.Or(st.m.ToolName, "f")},
+				{Index: k, Arguments: `{"i":`}, {Index: k, Arguments: fmt.Sprintf(`%d}`, i)}}
 		}
 		if st.m.Logprobs {
 			addFakeLogprobs(tok, i, st.m.TopLogprobs)

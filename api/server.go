@@ -636,6 +636,7 @@ func (s *Server) wait(ctx context.Context, sched Scheduler, req *scheduler.Reque
 func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *scheduler.Request, j *job, log *slog.Logger) {
 	var text strings.Builder
 	var calls []outToolCall
+	var args []*strings.Builder // calls[i]'s arguments, assembled from their fragments
 	var chatLP *chatLogprobs
 	var cmplLP *completionLogprobs
 	offset := 0
@@ -645,9 +646,12 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 	for {
 		ev := s.wait(ctx, j.sched, req, nil, nil)
 		text.WriteString(ev.Text)
-		for _, c := range ev.Calls {
-			args := c.Arguments
-			calls = append(calls, outToolCall{ID: callID(req.ID, len(calls)), Type: "function", Function: outToolCallF{Name: c.Name, Arguments: &args}})
+		for _, c := range ev.Calls { // in order: the scheduler checked it
+			if c.Name != "" {
+				calls = append(calls, outToolCall{ID: callID(req.ID, c.Index), Type: "function", Function: outToolCallF{Name: c.Name}})
+				args = append(args, &strings.Builder{})
+			}
+			args[c.Index].WriteString(c.Arguments)
 		}
 		if j.params.Logprobs {
 			if j.chat {
@@ -667,6 +671,10 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 		u := &usage{PromptTokens: ev.PromptTokens, CompletionTokens: ev.CompletionTokens, TotalTokens: ev.PromptTokens + ev.CompletionTokens,
 			PromptTokensDetails: promptDetails{CachedTokens: ev.CachedTokens}}
 		id, created, reason := s.idFor(j, req), time.Now().Unix(), finishReason(ev.FinishReason, len(calls))
+		for i := range calls {
+			a := args[i].String()
+			calls[i].Function.Arguments = &a
+		}
 		out := text.String()
 		if j.chat {
 			content := &out
@@ -722,7 +730,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 	id, created := s.idFor(j, req), time.Now().Unix()
 	enc := newChunkEncoder(j.chat, id, created, j.model)
 	offset := 0 // completions: characters of output before the next token
-	nCalls := 0 // tool calls streamed
+	nCalls := 0 // tool calls begun
 	// A chunk with logprobs, the one chunk enc does not write by hand.
 	logprobsChunk := func(text string, lps []scheduler.TokenLogprob) any {
 		if j.chat {
@@ -813,14 +821,22 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			unflushed = true
 		}
 		for _, c := range ev.Calls {
-			// OpenAI's shape: the call's first chunk has index, id, type and
-			// name (with empty arguments); the arguments follow. The client
-			// concatenates strings per index, so id and name go out once.
-			i, empty, args := nCalls, "", c.Arguments
-			nCalls++
-			head := outToolCall{Index: &i, ID: callID(req.ID, i), Type: "function", Function: outToolCallF{Name: c.Name, Arguments: &empty}}
-			tail := outToolCall{Index: &i, Function: outToolCallF{Arguments: &args}}
-			for _, tc := range []outToolCall{head, tail} {
+			// OpenAI's shape: a call's first chunk has index, id, type and
+			// name (with empty arguments); fragments of its arguments follow
+			// under the same index. The client concatenates strings per
+			// index, so id and name go out once. An entry with a name begins
+			// a call (whole, its arguments follow at once); one without is a
+			// fragment of the call under way (the scheduler checked the order).
+			i, empty, args := c.Index, "", c.Arguments
+			var tcs []outToolCall
+			if c.Name != "" {
+				nCalls++
+				tcs = append(tcs, outToolCall{Index: &i, ID: callID(req.ID, i), Type: "function", Function: outToolCallF{Name: c.Name, Arguments: &empty}})
+			}
+			if args != "" {
+				tcs = append(tcs, outToolCall{Index: &i, Function: outToolCallF{Arguments: &args}})
+			}
+			for _, tc := range tcs {
 				if !write(enc.event(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: j.model, SystemFingerprint: "krserve",
 					Choices: []chatChoice{{Index: 0, Delta: &chatOutMsg{ToolCalls: []outToolCall{tc}}, Logprobs: nil}}})) {
 					gone()

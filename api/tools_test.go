@@ -56,8 +56,9 @@ func TestToolCallsResponse(t *testing.T) {
 	}
 }
 
-// TestToolCallsStream: each call's id, type and name are sent once (the
-// client concatenates strings), arguments follow under the same index.
+// TestToolCallsStream: each call's id, type and name are sent once, in its
+// first chunk with arguments "" (the client concatenates strings), then its
+// arguments in fragments under the same index.
 func TestToolCallsStream(t *testing.T) {
 	h := newHarness(t, func(c *harnessConfig) { c.workers = []workerConfig{{tokens: 4}} })
 	resp, body := h.do("POST", chatPath, chatJSON(`,"stream":true,`+toolsJSON+`,"tool_choice":"required"`))
@@ -66,7 +67,7 @@ func TestToolCallsStream(t *testing.T) {
 	}
 	type call struct{ id, typ, name, args string }
 	calls := map[int]*call{}
-	ids, names, roles := map[int]int{}, map[int]int{}, 0
+	ids, names, frags, roles := map[int]int{}, map[int]int{}, map[int]int{}, 0
 	finish := ""
 	for _, line := range strings.Split(string(body), "\n") {
 		data, ok := strings.CutPrefix(line, "data: ")
@@ -127,6 +128,15 @@ func TestToolCallsStream(t *testing.T) {
 				c.name += *tc.Function.Name
 			}
 			if tc.Function.Arguments != nil {
+				if tc.ID != nil && *tc.Function.Arguments != "" {
+					t.Errorf("a call's header carries arguments %q: %s", *tc.Function.Arguments, data)
+				}
+				if tc.ID == nil {
+					if tc.Function.Name != nil || tc.Type != nil {
+						t.Errorf("a fragment repeats name or type: %s", data)
+					}
+					frags[*tc.Index]++
+				}
 				c.args += *tc.Function.Arguments
 			}
 		}
@@ -136,8 +146,9 @@ func TestToolCallsStream(t *testing.T) {
 	}
 	for i := range 2 {
 		c := calls[i]
-		if ids[i] != 1 || names[i] != 1 || c.typ != "function" || c.name != "f" || c.args != fmt.Sprintf(`{"i":%d}`, 2*i+1) {
-			t.Errorf("call %d: %+v (id sent %d times, name %d times)", i, c, ids[i], names[i])
+		if ids[i] != 1 || names[i] != 1 || frags[i] != 2 || c.typ != "function" || c.name != "f" || c.args != fmt.Sprintf(`{"i":%d}`, 2*i+1) ||
+			!strings.HasPrefix(c.id, "call_") || !strings.HasSuffix(c.id, fmt.Sprintf("_%d", i)) {
+			t.Errorf("call %d: %+v (id sent %d times, name %d times, %d arguments fragments)", i, c, ids[i], names[i], frags[i])
 		}
 	}
 }

@@ -622,7 +622,7 @@ func TestParamsReachWorker(t *testing.T) {
 			if m.ToolChoice != "function" || m.ToolName != "g" || !m.OneCall || m.Schema != `{"type":"object","properties":{}}` {
 				return fmt.Sprintf("choice %q name %q one %v schema %q", m.ToolChoice, m.ToolName, m.OneCall, m.Schema)
 			}
-			if len(m.Messages) != 3 || fmt.Sprint(m.Messages[1].ToolCalls) != `[{call_9 f {"a": 1}}]` || m.Messages[1].Content != "" || m.Messages[2].ToolCallID != "call_9" || m.Messages[2].Content != "42" {
+			if len(m.Messages) != 3 || fmt.Sprint(m.Messages[1].ToolCalls) != `[{call_9 0 f {"a": 1}}]` || m.Messages[1].Content != "" || m.Messages[2].ToolCallID != "call_9" || m.Messages[2].Content != "42" {
 				return fmt.Sprintf("messages %+v", m.Messages)
 			}
 			return ""

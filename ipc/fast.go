@@ -14,7 +14,7 @@ package ipc
 // Decoding handles the scalar and list fields (everything a worker sends at
 // run time: tok with or without logprobs, done, error, pong; and gen,
 // cancel, ping without logit_bias). A frame with any other key (versions,
-// logit_bias, messages, a tok's calls, or a key this version does not know) goes to
+// logit_bias, messages, a key this version does not know) goes to
 // decodeGeneric, after validate has walked it: the generic decoder trusts
 // array lengths (a 16-byte frame can make it allocate gigabytes) and recurses
 // without a depth limit. A known key with a value of another type (nil, bin, a
@@ -110,6 +110,7 @@ func appendBody(b []byte, m *Message) []byte {
 	e.str("tool_name", m.ToolName)
 	e.bool("one_call", m.OneCall)
 	e.int("sent_calls", int64(m.SentCalls))
+	e.int("sent_args", int64(m.SentArgs))
 	e.int32s("ids", m.IDs)
 	e.floats("lps", m.LPs)
 	e.strs("toks", m.Toks)
@@ -250,16 +251,26 @@ func (e *encoder) strs(k string, v []string) {
 }
 
 // appendToolCalls appends calls as the generic encoder writes []ToolCall:
-// id when set, then name and arguments, always.
+// id, index and name when set, then arguments, always.
 func appendToolCalls(b []byte, calls []ToolCall) []byte {
 	b = appendArrayLen(b, len(calls))
 	for _, c := range calls {
-		if c.ID != "" {
-			b = appendStr(appendStr(append(b, 0x83), "id"), c.ID)
-		} else {
-			b = append(b, 0x82)
+		n := byte(1)
+		for _, set := range []bool{c.ID != "", c.Index != 0, c.Name != ""} {
+			if set {
+				n++
+			}
 		}
-		b = appendStr(appendStr(b, "name"), c.Name)
+		b = append(b, 0x80|n)
+		if c.ID != "" {
+			b = appendStr(appendStr(b, "id"), c.ID)
+		}
+		if c.Index != 0 {
+			b = appendInt(appendStr(b, "index"), int64(c.Index))
+		}
+		if c.Name != "" {
+			b = appendStr(appendStr(b, "name"), c.Name)
+		}
 		b = appendStr(appendStr(b, "arguments"), c.Arguments)
 	}
 	return b
@@ -459,6 +470,8 @@ func (d *decoder) message(m *Message) error {
 			m.OneCall = d.bool()
 		case "sent_calls":
 			m.SentCalls = int(d.int())
+		case "sent_args":
+			m.SentArgs = int(d.int())
 		case "ids":
 			m.IDs = d.int32s()
 		case "lps":
@@ -477,6 +490,10 @@ func (d *decoder) message(m *Message) error {
 			m.CToks = int(d.int())
 		case "cached":
 			m.Cached = int(d.int())
+		case "calls":
+			if !d.toolCalls(&m.Calls) {
+				return errGeneric
+			}
 		case "code":
 			m.Code = d.str()
 		case "msg":
@@ -741,6 +758,34 @@ func (d *decoder) strLists() [][]string {
 		s[i] = d.strs()
 	}
 	return s
+}
+
+// toolCalls reads a tok's or done's calls. It reports false, having read
+// nothing into calls, when an entry has a key it does not know (the generic
+// decoder then has the frame).
+func (d *decoder) toolCalls(calls *[]ToolCall) bool {
+	s := make([]ToolCall, d.arrayLen())
+	for i := range s {
+		n := d.mapLen()
+		for j := 0; j < n && d.err == nil; j++ {
+			switch string(d.strBytes()) {
+			case "id":
+				s[i].ID = d.str()
+			case "index":
+				s[i].Index = int(d.int())
+			case "name":
+				s[i].Name = d.str()
+			case "arguments":
+				s[i].Arguments = d.str()
+			default:
+				if d.err == nil {
+					return false
+				}
+			}
+		}
+	}
+	*calls = s
+	return true
 }
 
 func (d *decoder) floatLists() [][]float64 {

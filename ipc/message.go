@@ -8,7 +8,11 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 )
 
-// Version is the protocol version this supervisor speaks. Version 3: a gen
+// Version is the protocol version this supervisor speaks. Version 4: a tok's
+// calls are entries of calls in fragments (index; name when the entry begins
+// a call; a piece of its arguments), so a call's arguments can stream as they
+// are generated, and a resume carries the bytes of the last begun call's
+// arguments delivered (sent_args). Version 3: a gen
 // may carry a JSON schema to constrain its output (schema), tools for the chat
 // template and a tool choice (tools, tool_choice, tool_name, one_call,
 // sent_calls), chat messages with tool calls and tool results; a tok may carry
@@ -16,7 +20,7 @@ import (
 // (done.cached, hello.cache_bytes, pong.cache and pong.evicted). Version 2: a
 // gen carries the prompt as text or chat messages, which the worker tokenizes
 // (version 1 had a separate tokenize round trip).
-const Version = 3
+const Version = 4
 
 // Message types (the "t" key).
 const (
@@ -41,12 +45,16 @@ type ChatMessage struct {
 	ToolCallID string     `msgpack:"tool_call_id,omitempty"`
 }
 
-// ToolCall is one function call: in a gen's assistant message (with the id the
-// client gave it) or in a tok's calls (without id: the supervisor names it).
-// Arguments is the JSON text of the arguments object.
+// ToolCall is one function call in a gen's assistant message (with the id
+// the client gave it, Name and the JSON text of the arguments object), or an
+// entry of a tok's or done's calls (without id: the supervisor names the
+// call): an entry with Name begins call Index (the request's calls are
+// numbered from 0), one without appends Arguments to call Index's arguments.
+// A whole call is one entry with both.
 type ToolCall struct {
 	ID        string `msgpack:"id,omitempty"`
-	Name      string `msgpack:"name"`
+	Index     int    `msgpack:"index,omitempty"`
+	Name      string `msgpack:"name,omitempty"`
 	Arguments string `msgpack:"arguments"`
 }
 
@@ -101,13 +109,15 @@ type Message struct {
 	// text of the request's tools array (OpenAI shape), rendered by the chat
 	// template; ToolChoice "auto", "none" or "required", or "function" with
 	// ToolName; OneCall: at most one call (parallel_tool_calls false);
-	// SentCalls: on a resume, the calls already delivered.
+	// SentCalls: on a resume, the calls begun (their first entry delivered);
+	// SentArgs (v4): of the last of them, the bytes of arguments delivered.
 	Schema     string `msgpack:"schema,omitempty"`
 	Tools      string `msgpack:"tools,omitempty"`
 	ToolChoice string `msgpack:"tool_choice,omitempty"`
 	ToolName   string `msgpack:"tool_name,omitempty"`
 	OneCall    bool   `msgpack:"one_call,omitempty"`
 	SentCalls  int    `msgpack:"sent_calls,omitempty"`
+	SentArgs   int    `msgpack:"sent_args,omitempty"`
 
 	// tok
 	IDs []int32 `msgpack:"ids,omitempty"`
@@ -124,7 +134,7 @@ type Message struct {
 	CToks  int    `msgpack:"ctoks,omitempty"`
 	Cached int    `msgpack:"cached,omitempty"` // of ptoks, taken from the prompt cache
 
-	// tok: tool calls completed since the last event (gen with tools)
+	// tok, done: tool call entries since the last event (gen with tools)
 	Calls []ToolCall `msgpack:"calls,omitempty"`
 
 	// error

@@ -21,7 +21,7 @@ func canonical() []struct {
 		Name string
 		Msg  Message
 	}{
-		{"hello", Message{T: THello, V: 3, PID: 4242, Model: "/models/smollm2", Ctx: 8192, Vocab: 49152,
+		{"hello", Message{T: THello, V: 4, PID: 4242, Model: "/models/smollm2", Ctx: 8192, Vocab: 49152,
 			EOS: []int32{2}, Caps: []string{"resume", "stop", "penalties", "logit_bias", "seed", "prompt_cache"},
 			Versions:   map[string]string{"krserve_worker": "0.1.0", "mlx": "0.32.4", "mlx_lm": "0.32.2", "python": "3.11.7"},
 			CacheBytes: 3 << 30}},
@@ -44,7 +44,7 @@ func canonical() []struct {
 			{Role: "assistant", ToolCalls: []ToolCall{{ID: "call_1", Name: "get_weather", Arguments: `{"city":"Paris"}`}}},
 			{Role: "tool", Content: `{"temp":21}`, ToolCallID: "call_1"}},
 			Tools:      `[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}]`,
-			ToolChoice: "function", ToolName: "get_weather", OneCall: true, Resume: []int32{504}, SentCalls: 1}},
+			ToolChoice: "function", ToolName: "get_weather", OneCall: true, Resume: []int32{504}, SentCalls: 1, SentArgs: 9}},
 		{"ping", Message{T: TPing, Seq: 3}},
 		{"shutdown", Message{T: TShutdown}},
 		{"tok", Message{T: TTok, ID: 7, IDs: []int32{504, 11}, Text: "Paris é 🙂"}},
@@ -52,9 +52,11 @@ func canonical() []struct {
 			Toks: []string{" Paris", " é"}, TopLPs: [][]float64{{-0.25, -2}, {-1.5, -1.75}}, TopToks: [][]string{{" Paris", " Lyon"}, {" é", "\ufffd"}}}},
 		{"tok_held", Message{T: TTok, ID: 7, IDs: []int32{216}}},
 		{"tok_calls", Message{T: TTok, ID: 15, IDs: []int32{29}, Calls: []ToolCall{{Name: "get_weather", Arguments: `{"city":"Paris"}`}}}},
+		{"tok_call_frags", Message{T: TTok, ID: 16, IDs: []int32{1521}, Calls: []ToolCall{{Index: 1, Arguments: `"}`}, {Index: 2, Name: "get_time", Arguments: ``}, {Index: 2, Arguments: `{"zone":"`}}}},
 		{"done", Message{T: TDone, ID: 7, Reason: "stop", PToks: 5, CToks: 12, Text: "tail"}},
 		{"done_cached", Message{T: TDone, ID: 14, Reason: "stop", PToks: 1500, CToks: 40, Cached: 1399}},
 		{"done_length", Message{T: TDone, ID: 8, Reason: "length", PToks: 5, CToks: 10}},
+		{"done_call_frag", Message{T: TDone, ID: 16, Reason: "stop", PToks: 120, CToks: 31, Calls: []ToolCall{{Index: 2, Arguments: `UTC"}`}}}},
 		{"error", Message{T: TError, ID: 7, Code: "invalid", Msg: "top_p must be in [0, 1]"}},
 		{"error_fatal", Message{T: TError, Code: "internal", Msg: "model failed to load"}},
 		{"pong", Message{T: TPong, Seq: 3, Active: 4, MemActive: 123456789, MemPeak: 5000000000, RSS: 300000000,

@@ -84,8 +84,10 @@ type Event struct {
 	Tokens int    // tokens this event accounts for
 	// With Params.Logprobs: one entry per token of this event, in order.
 	Logprobs []TokenLogprob
-	// Tool calls the worker parsed out of the output (Input.Tools), in
-	// order, without ids.
+	// Tool call entries the worker parsed out of the output (Input.Tools),
+	// in order, without ids: an entry with a Name begins call Index (calls
+	// are numbered from 0), one without appends Arguments to call Index's
+	// arguments (the scheduler checks the order: ipc.ToolCall).
 	Calls []ipc.ToolCall
 
 	Done         bool
@@ -129,7 +131,8 @@ type Request struct {
 	// Owned by the scheduler (under its mutex).
 	generated    []int32
 	sentBytes    int
-	sentCalls    int  // tool calls delivered (a resume skips them)
+	sentCalls    int  // tool calls begun: their first entry delivered (a resume skips them)
+	sentArgs     int  // bytes of the last begun call's arguments delivered
 	crashes      int  // worker crashes lived through
 	suspect      bool // in flight during a crash and not yet cleared by probation
 	crashAt      int  // tokens generated when its worker last died
@@ -250,6 +253,7 @@ func (r *Request) genMessage() *ipc.Message {
 		Resume:            r.generated,
 		Sent:              r.sentBytes,
 		SentCalls:         r.sentCalls,
+		SentArgs:          r.sentArgs,
 		Logprobs:          p.Logprobs,
 		TopLogprobs:       p.TopLogprobs,
 	}
@@ -294,6 +298,24 @@ func checkLogprobs(m *ipc.Message) error {
 	for i := range m.TopLPs {
 		if len(m.TopLPs[i]) != len(m.TopToks[i]) {
 			return fmt.Errorf("%w: tok for request %d: top_lps[%d] and top_toks[%d] differ in length", ipc.ErrProtocol, m.ID, i, i)
+		}
+	}
+	return nil
+}
+
+// checkCalls refuses tool call entries out of order: an entry with a name
+// must begin the next call, one without must continue the last call begun
+// (the client assembles calls by index, so a gap or a repeat would corrupt
+// them). begun is how many calls r's earlier entries began.
+func checkCalls(m *ipc.Message, begun int) error {
+	for _, c := range m.Calls {
+		switch {
+		case c.Name != "" && c.Index == begun:
+			begun++
+		case c.Name == "" && begun > 0 && c.Index == begun-1:
+		default:
+			return fmt.Errorf("%w: %s for request %d: tool call entry %d (name %q) after %d calls begun",
+				ipc.ErrProtocol, m.T, m.ID, c.Index, c.Name, begun)
 		}
 	}
 	return nil

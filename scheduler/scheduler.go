@@ -343,11 +343,17 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 		if err := checkLogprobs(m); err != nil {
 			return err
 		}
+		if err := checkCalls(m, r.sentCalls); err != nil {
+			return err
+		}
 		s.onTokensLocked(r, m.IDs, m.Text, logprobs(m), m.Calls, now)
 		if sl.probation == r && len(r.generated) >= r.crashAt+s.cfg.ProbationTokens {
 			s.endProbationLocked(sl)
 		}
 	case ipc.TDone:
+		if err := checkCalls(m, r.sentCalls); err != nil {
+			return err
+		}
 		if m.Text != "" || len(m.IDs) > 0 || len(m.Calls) > 0 {
 			s.onTokensLocked(r, m.IDs, m.Text, nil, m.Calls, now)
 		}
@@ -407,7 +413,13 @@ func (s *Scheduler) onTokensLocked(r *Request, ids []int32, text string, lps []T
 	if r.keepReply {
 		r.reply.WriteString(text)
 	}
-	r.sentCalls += len(calls)
+	for _, c := range calls {
+		if c.Name != "" {
+			r.sentCalls++
+			r.sentArgs = 0
+		}
+		r.sentArgs += len(c.Arguments)
+	}
 	if n > 0 {
 		if r.firstToken.IsZero() {
 			r.firstToken = now

@@ -144,7 +144,8 @@ OUT = ('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool
 def test_callstream_splits_content_and_calls(size):
     content, calls = _feed_chunks(tools.CallStream(tools.FALLBACK, []), OUT, size)
     assert content == "Let me check."
-    assert calls == [{"name": "f", "arguments": '{"x": 1}'}, {"name": "g", "arguments": "{}"}]
+    assert calls == [{"index": 0, "name": "f", "arguments": '{"x": 1}'},
+                     {"index": 1, "name": "g", "arguments": "{}"}]
 
 
 def test_callstream_keeps_unparsable_and_plain_text():
@@ -154,7 +155,7 @@ def test_callstream_keeps_unparsable_and_plain_text():
     assert _feed_chunks(tools.CallStream(tools.FALLBACK, []), plain, 4) == (plain, [])
     # An unterminated call at the end is parsed if it can be.
     assert _feed_chunks(tools.CallStream(tools.FALLBACK, []), '<tool_call>{"name":"f","arguments":{}}', 5) \
-        == ("", [{"name": "f", "arguments": "{}"}])
+        == ("", [{"index": 0, "name": "f", "arguments": "{}"}])
 
 
 def test_callstream_resume_skips_what_was_delivered():
@@ -163,7 +164,9 @@ def test_callstream_resume_skips_what_was_delivered():
     cs = tools.CallStream(tools.FALLBACK, [])
     first = OUT[:90]  # the crash: first call delivered, second under way
     c1, k1 = cs.feed(first)
-    resumed = tools.CallStream(tools.FALLBACK, [], skip_bytes=len(c1.encode()), skip_calls=len(k1))
+    # As the scheduler counts them: calls begun, bytes of the last one's arguments.
+    resumed = tools.CallStream(tools.FALLBACK, [], skip_bytes=len(c1.encode()), skip_calls=len(k1),
+                               skip_args=len(k1[-1]["arguments"].encode()))
     c2, k2 = _feed_chunks(resumed, OUT, 5)
     assert (c1 + c2, k1 + k2) == _feed_chunks(tools.CallStream(tools.FALLBACK, []), OUT, 1000)
     assert k1 and k2

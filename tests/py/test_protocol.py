@@ -1,4 +1,4 @@
-"""Protocol v3 encoding: byte-for-byte agreement with the Go vectors, framing errors."""
+"""Protocol v4 encoding: byte-for-byte agreement with the Go vectors, framing errors."""
 
 import json
 import os
@@ -37,8 +37,13 @@ def test_constructors_match_vectors():
                              "krserve_worker": "0.1.0"}, cache_bytes=3 << 30) == BY_NAME["hello"]
     assert P.tok(7, [504, 11], "Paris é 🙂") == BY_NAME["tok"]
     assert P.tok(7, [216], "") == BY_NAME["tok_held"]
-    assert P.tok(15, [29], "", calls=[{"name": "get_weather", "arguments": '{"city":"Paris"}'}]) \
+    assert P.tok(15, [29], "", calls=[{"index": 0, "name": "get_weather", "arguments": '{"city":"Paris"}'}]) \
         == BY_NAME["tok_calls"]
+    # Call entries in fragments (v4): index 0 and an empty name are omitted.
+    assert P.tok(16, [1521], "", calls=[{"index": 1, "arguments": '"}'},
+                                        {"index": 2, "name": "get_time", "arguments": ""},
+                                        {"index": 2, "arguments": '{"zone":"'}]) == BY_NAME["tok_call_frags"]
+    assert P.done(16, "stop", 120, 31, calls=[{"index": 2, "arguments": 'UTC"}'}]) == BY_NAME["done_call_frag"]
     assert P.tok(12, [504, 11], "Paris é", lps=[-0.25, -1.5], toks=[" Paris", " é"],
                  top_lps=[[-0.25, -2], [-1.5, -1.75]],
                  top_toks=[[" Paris", " Lyon"], [" é", "\ufffd"]]) == BY_NAME["tok_logprobs"]

@@ -47,6 +47,12 @@ class Weather(BaseModel):
     unit: Optional[Color]
 
 
+class Note(BaseModel):
+    """Save a note"""
+    title: str = Field(max_length=30)
+    body: str = Field(min_length=40, max_length=80)
+
+
 @pytest.fixture(scope="module")
 def server():
     s = Server(None, "--workers", "1")
@@ -70,6 +76,14 @@ TIME_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 24}},
                    "required": ["zone"], "additionalProperties": False}}}
 WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# A call with arguments of many tokens (the body has at least 40 characters).
+NOTE_TOOL = {"type": "function", "function": {
+    "name": "create_note", "description": "Save a note",
+    "parameters": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30},
+                                                   "body": {"type": "string", "minLength": 40, "maxLength": 80}},
+                   "required": ["title", "body"], "additionalProperties": False}}}
+NOTE_ASK = [{"role": "user", "content": "Save a note about the sea."}]
+NAMED_NOTE = {"type": "function", "function": {"name": "create_note"}}
 
 
 @pytest.mark.parametrize("temperature,seed", [(0, None), (1.0, 2)])
@@ -157,6 +171,7 @@ def test_required_tool_choice_streamed(client):
         final = s.get_final_completion()
     c = final.choices[0]
     assert c.finish_reason == "tool_calls", c
+    assert events.count("tool_calls.function.arguments.delta") > 1, events  # in fragments
     assert len(c.message.tool_calls) == 1
     tc = c.message.tool_calls[0]
     assert tc.id.startswith("call_") and tc.function.name == "get_weather"
@@ -166,6 +181,57 @@ def test_required_tool_choice_streamed(client):
     r = client.chat.completions.create(model="default", messages=WEATHER_ASK, max_tokens=100, temperature=0,
                                        tools=[tool], tool_choice="required", parallel_tool_calls=False)
     assert r.choices[0].message.tool_calls[0].function.arguments == tc.function.arguments
+
+
+def tool_deltas(chunks):
+    """A raw stream's tool call deltas, per index: how often id, type and
+    name came, the arguments fragments; and the finish reason."""
+    calls, finish = {}, None
+    for ch in chunks:
+        for c in ch.choices:
+            finish = c.finish_reason or finish
+            assert c.delta.role in (None, "assistant")
+            for tc in c.delta.tool_calls or []:
+                d = calls.setdefault(tc.index, {"ids": [], "types": [], "names": [], "frags": []})
+                for key, v in (("ids", tc.id), ("types", tc.type), ("names", tc.function and tc.function.name)):
+                    if v:
+                        d[key].append(v)
+                if tc.function and tc.function.arguments:
+                    d["frags"].append(tc.function.arguments)
+    return calls, finish
+
+
+def test_named_call_streams_arguments_in_fragments(client):
+    """The call's id, type and name come once, then its arguments in
+    fragments as they are generated; concatenated they are exactly the
+    arguments the same greedy call has unstreamed."""
+    kw = dict(model="default", messages=NOTE_ASK, max_tokens=200, temperature=0, tools=[NOTE_TOOL],
+              tool_choice=NAMED_NOTE)
+    ref = client.chat.completions.create(**kw).choices[0]
+    assert ref.finish_reason == "tool_calls" and len(ref.message.tool_calls) == 1
+    want = ref.message.tool_calls[0].function.arguments
+    calls, finish = tool_deltas(client.chat.completions.create(stream=True, **kw))
+    assert finish == "tool_calls" and list(calls) == [0]
+    d = calls[0]
+    assert d["names"] == ["create_note"] and d["types"] == ["function"] and len(d["ids"]) == 1
+    assert d["ids"][0].startswith("call_")
+    assert len(d["frags"]) > 5, d["frags"]  # a 40-character body is many tokens
+    args = "".join(d["frags"])
+    assert args == want
+    parsed = json.loads(args)
+    assert parsed == json.loads(want) and set(parsed) == {"title", "body"} and len(parsed["body"]) >= 40
+
+    # .stream() assembles the same fragments and parses them (a strict pydantic tool).
+    tool = openai.pydantic_function_tool(Note, name="create_note")
+    kw = dict(model="default", messages=NOTE_ASK, max_tokens=200, temperature=0, tools=[tool],
+              tool_choice=NAMED_NOTE)
+    with client.chat.completions.stream(**kw) as s:
+        deltas = [e.arguments_delta for e in s if e.type == "tool_calls.function.arguments.delta"]
+        final = s.get_final_completion()
+    tc = final.choices[0].message.tool_calls[0]
+    assert len(deltas) > 5 and "".join(deltas) == tc.function.arguments
+    assert isinstance(tc.function.parsed_arguments, Note)
+    assert tc.function.arguments == client.chat.completions.create(**kw).choices[0].message.tool_calls[0].function.arguments
 
 
 def test_required_parallel_calls_are_valid(client):
@@ -234,6 +300,62 @@ def test_mixed_batch_join_and_cancel(client):
     # The free request, greedy, matches the same request alone (no grammar leaked into it).
     alone = client.chat.completions.create(model="default", messages=ASK, max_tokens=120, temperature=0)
     assert alone.choices[0].message.content.split()[:8] == results["free"].split()[:8]
+
+
+def test_streamed_call_resumes_mid_arguments():
+    """A worker dies after it streamed part of a call's arguments
+    (KRSERVE_WORKER_FAULT segv-after-tokens): the scheduler tells the next
+    worker how many bytes of them went out, and the client assembles exactly
+    the crash-free call, its id and name once."""
+    import re
+    import urllib.request
+
+    from conftest import WorkerProc
+    from krserve_worker import prepare
+
+    marker = "(note 16)"
+    ask = [{"role": "user", "content": NOTE_ASK[0]["content"] + " " + marker}]
+    # The crash-free run, at the protocol level: which token's frame begins the
+    # arguments, which ends the call. (The tools as the front door sends them.)
+    probe = WorkerProc(str(prepare.model_dir()))
+    try:
+        probe.hello()
+        probe.send({"t": "gen", "id": 1, "max_tokens": 200, "messages": ask, "tool_choice": "function",
+                    "tool_name": "create_note", "tools": json.dumps([NOTE_TOOL], separators=(",", ":"))})
+        frames = probe.collect(1, timeout=300)
+    finally:
+        probe.stop()
+    done = frames[-1]
+    assert done["t"] == "done" and done["reason"] == "stop", done
+    entries = [(n, e) for n, f in enumerate(frames, 1) for e in f.get("calls", [])]
+    assert [e["name"] for _, e in entries if e.get("name")] == ["create_note"]
+    want = "".join(e["arguments"] for _, e in entries)
+    first_frag = next(n for n, e in entries if not e.get("name") and e["arguments"])
+    last = entries[-1][0]
+    # Crash after the N-th token: mid-arguments, and late enough that the next
+    # worker finishes before its own N-th token.
+    n = max(first_frag, done["ctoks"] // 2 + 1)
+    before = "".join(e["arguments"] for k, e in entries if k <= n)
+    assert n < last and 0 < len(before) < len(want), (n, first_frag, last, done["ctoks"])
+
+    server = Server(None, "--workers", "1", env={"KRSERVE_WORKER_FAULT": f"segv-after-tokens:{n}:{marker}"})
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        chunks = list(c.chat.completions.create(
+            model="default", messages=ask, max_tokens=200, temperature=0, tools=[NOTE_TOOL],
+            tool_choice=NAMED_NOTE, stream=True, stream_options={"include_usage": True}))
+        calls, finish = tool_deltas(chunks)
+        assert finish == "tool_calls" and list(calls) == [0]
+        d = calls[0]
+        assert d["names"] == ["create_note"] and d["types"] == ["function"] and len(d["ids"]) == 1
+        assert "".join(d["frags"]) == want
+        assert chunks[-1].usage.prompt_tokens == done["ptoks"]  # the probe's prompt was the same
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            resumed = re.search(r"^krserve_requests_resumed_total(?:\{[^}]*\})? (\S+)$", r.read().decode(), re.M)
+        assert resumed and float(resumed.group(1)) == 1, "the worker did not die mid-call"
+        assert "segv-after-tokens: request" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
 
 
 # Last in the module: it kills the shared server's worker.

@@ -60,7 +60,7 @@ def test_hello(worker, tiny_model):
     import mlx_lm
 
     h = worker.hello_msg
-    assert h["v"] == protocol.VERSION == 3
+    assert h["v"] == protocol.VERSION == 4
     assert h["pid"] == worker.proc.pid
     assert h["model"] == tiny_model
     assert h["ctx"] == 2048

@@ -61,7 +61,8 @@ class GenParams:
     logprobs: bool = False
     top_logprobs: int = 0
     one_call: bool = False  # parallel_tool_calls false
-    sent_calls: int = 0  # resume: tool calls already delivered
+    sent_calls: int = 0  # resume: tool calls begun (their header delivered)
+    sent_args: int = 0  # resume: bytes of the last begun call's arguments delivered
 
 
 def _is_int(v) -> bool:
@@ -174,6 +175,9 @@ def parse_gen(msg: dict, vocab: int, ctx: int = 0, prompt: list[int] | None = No
     sent_calls = _int(msg, "sent_calls", lo=0)
     if sent_calls and not resume:
         raise InvalidRequest("sent_calls without resume tokens")
+    sent_args = _int(msg, "sent_args", lo=0)
+    if sent_args and not sent_calls:
+        raise InvalidRequest("sent_args without sent_calls")
 
     return GenParams(
         id=rid, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
@@ -181,5 +185,5 @@ def parse_gen(msg: dict, vocab: int, ctx: int = 0, prompt: list[int] | None = No
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=logit_bias, stop=list(stop),
         resume=resume, sent=sent, logprobs=logprobs, top_logprobs=top_logprobs,
-        one_call=one_call, sent_calls=sent_calls,
+        one_call=one_call, sent_calls=sent_calls, sent_args=sent_args,
     )

@@ -1,4 +1,4 @@
-"""Message encoding for protocol v3 (docs/protocol.md), byte-compatible with Go.
+"""Message encoding for protocol v4 (docs/protocol.md), byte-compatible with Go.
 
 The Go side (``ipc.Message``) is one struct for every message type, encoded with
 ``omitempty``, compact ints and float64 floats; its field order is the wire
@@ -11,8 +11,8 @@ written with sorted keys (``SetSortMapKeys``), while ``map[int32]float64``
 keeps the order it was given (a decoded frame re-encodes byte for byte).
 ``messages`` entries are a struct in Go: always ``role`` then ``content``, then
 ``tool_calls`` and ``tool_call_id`` when set; a tool call (in a message's
-``tool_calls`` and a tok's ``calls``) is ``id`` when set, then ``name`` and
-``arguments`` always.
+``tool_calls`` and a tok's ``calls``) is ``id``, ``index`` and ``name`` when
+set, then ``arguments`` always.
 
 This module imports only the standard library and msgpack.
 """
@@ -23,7 +23,7 @@ import struct
 
 import msgpack
 
-VERSION = 3
+VERSION = 4
 MAX_FRAME = 16 << 20  # bytes of body, checked before allocating
 
 CAPS = ["resume", "stop", "penalties", "logit_bias", "seed", "schema", "tools"]
@@ -43,11 +43,12 @@ KEY_ORDER = (
     "text", "messages", "special",
     # gen: structured output and tools (v3)
     "schema", "tools", "tool_choice", "tool_name", "one_call", "sent_calls",
+    "sent_args",  # v4
     # tok
     "ids", "lps", "toks", "top_lps", "top_toks",
     # done
     "reason", "ptoks", "ctoks", "cached",
-    # tok: parsed tool calls (v3)
+    # tok: tool calls (v3), in fragments (v4)
     "calls",
     # error
     "code", "msg",
@@ -66,7 +67,7 @@ _STR_KEYS = frozenset({"t", "model", "text", "reason", "code", "msg", "schema", 
                        "tool_choice", "tool_name"})
 _INT_KEYS = frozenset(
     {"v", "pid", "ctx", "vocab", "id", "seq", "max_tokens", "top_k", "seed", "sent",
-     "top_logprobs", "sent_calls",
+     "top_logprobs", "sent_calls", "sent_args",
      "ptoks", "ctoks", "cached", "active", "mem_active", "mem_peak", "rss",
      "cache_bytes", "cache", "evicted"}
 )
@@ -138,11 +139,16 @@ def _normalize(key: str, v):
 
 
 def _calls(v) -> list[dict]:
-    """[]ToolCall as Go writes it: id when set, then name and arguments."""
+    """[]ToolCall as Go writes it: id, index and name when set, then arguments."""
     out = []
     for c in v:
         e = {"id": str(c["id"])} if c.get("id") else {}
-        e["name"] = str(c.get("name", ""))
+        if c.get("index"):
+            if not _is_int(c["index"]):
+                raise TypeError(f"tool call index: expected int, got {type(c['index']).__name__}")
+            e["index"] = c["index"]
+        if c.get("name"):
+            e["name"] = str(c["name"])
         e["arguments"] = str(c.get("arguments", ""))
         out.append(e)
     return out
@@ -228,7 +234,8 @@ def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=No
         top_toks=None, calls=None) -> bytes:
     """``lps``/``toks``/``top_lps``/``top_toks``: per-token logprob data, one
     entry per id (only when the gen asked for ``logprobs``). ``calls``: tool
-    calls completed with these tokens, ``{"name", "arguments"}`` each."""
+    call entries these tokens produced: ``{"index", "name", "arguments"}``
+    begins call ``index``, ``{"index", "arguments"}`` appends to its arguments."""
     m = {"t": "tok", "id": id, "ids": ids, "text": text, "calls": calls}
     if lps:
         m.update(lps=lps, toks=toks, top_lps=top_lps, top_toks=top_toks)

@@ -33,6 +33,7 @@ written into the assistant message's content in the same format.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .params import InvalidRequest
@@ -237,12 +238,45 @@ def call_matcher(grammars, treq: ToolRequest):
 
 # -- parsing the output -----------------------------------------------------------
 
+# A json_tools call in the layout the grammar writes: the name first, then the
+# arguments (JSON whitespace allowed between the tokens).
+_WS = " \t\n\r"
+_NAME = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"name"[ \t\n\r]*:[ \t\n\r]*("(?:[^"\\]|\\.)*")')
+_HEAD = re.compile(_NAME.pattern + r'[ \t\n\r]*,[ \t\n\r]*"arguments"[ \t\n\r]*:[ \t\n\r]*(?=[^ \t\n\r])')
+
+
+def raw_call(body: str) -> tuple[str, str] | None:
+    """The name and arguments of a json_tools call written
+    ``{"name": N, "arguments": {...}}``, the arguments as the model wrote them;
+    None when the body is not in that layout or does not parse.
+
+    krserve never rewrites such a call's arguments (OpenAI's arguments are the
+    model's text too): a call streamed in fragments then assembles to exactly
+    the arguments of the same call returned whole."""
+    m = _HEAD.match(body)
+    if m is None:
+        return None
+    rest = body[m.end():].rstrip(_WS)
+    if not rest.endswith("}"):  # the call object's closing brace
+        return None
+    args = rest[:-1].rstrip(_WS)
+    if not args.startswith("{"):
+        return None
+    try:
+        name = json.loads(m.group(1))
+        if not isinstance(json.loads(args), dict):
+            return None
+        json.loads(body)  # and nothing follows the arguments
+    except ValueError:
+        return None
+    return name, args
+
 
 def _calls_of(parsed) -> list[dict]:
     items = parsed if isinstance(parsed, list) else [parsed]
     out = []
     for c in items:
-        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
             raise ValueError("a tool call needs a name")
         args = c.get("arguments", {})
         if not isinstance(args, str):
@@ -251,31 +285,83 @@ def _calls_of(parsed) -> list[dict]:
     return out
 
 
+def _closing_at(text: str, start: int, end: str) -> int:
+    """Where the tail of ``text[start:]``, a streamed call's arguments so far,
+    that may still be the call's closing rather than arguments begins:
+    whitespace, ``}`` (the call object's), whitespace and a beginning of the
+    end marker. What is held is never more than that, so a fragment is never
+    retracted. (Looks at the tail only: each token costs its own length.)"""
+    best = len(text)
+    for k in range(len(end)):
+        if k and not text.endswith(end[:k]):
+            continue
+        j = len(text) - k
+        while j > start and text[j - 1] in _WS:
+            j -= 1
+        if j > start and text[j - 1] == "}":
+            j -= 1
+            while j > start and text[j - 1] in _WS:
+                j -= 1
+        elif k:
+            continue
+        best = min(best, j)
+    return max(best, start)
+
+
 class CallStream:
-    """Splits a request's output text into content and tool calls.
+    """Splits a request's output text into content and tool call entries.
 
     ``feed`` takes each text delta (after stop strings) and returns the
-    content that may be sent and the calls completed. Text from a start
-    marker to its end marker is a call, parsed with the format's parser; a
-    call that does not parse is passed on as content, markers included, so
-    nothing is lost. A tail that may be the start of a marker is held back, as
-    is trailing whitespace until more content follows (whitespace before and
+    content that may be sent and the call entries: ``{"index", "name",
+    "arguments"}`` begins call ``index`` (the request's calls are numbered
+    from 0 in order), ``{"index", "arguments"}`` appends to its arguments
+    text. A tail that may be the start of a marker is held back, as is
+    trailing whitespace until more content follows (whitespace before and
     between calls is dropped; at the end it is kept only if no call was made).
 
-    Resume: the first ``skip_bytes`` bytes of content and the first
-    ``skip_calls`` calls were delivered by an earlier worker and are not
-    returned again.
+    Whole calls (``stream`` false: ``tool_choice`` ``auto``): text from a start
+    marker to its end marker is a call, parsed with the format's parser and
+    returned in one entry; a call that does not parse is passed on as content,
+    markers included, so nothing is lost.
+
+    Streamed calls (``stream`` true: ``required`` or a named function, where
+    the grammar makes the text a valid json_tools call as it is produced):
+    once a call's name is complete its header entry (name, arguments "") is
+    returned, then its arguments text in fragments as it arrives, holding back
+    only what may be the call's closing (``_closing_at``). The fragments
+    assemble to ``raw_call``'s arguments, as the whole call would give. An end
+    marker inside a string of the arguments does not end the call (text that
+    does not parse yet cannot be the whole call). A call cut short
+    (``max_tokens``, a stop string) ends with its arguments as far as they
+    were generated.
+
+    Resume: the first ``skip_bytes`` bytes of content, the first
+    ``skip_calls`` calls begun and the first ``skip_args`` bytes of the
+    arguments of the last of them were delivered by an earlier worker and are
+    not returned again.
     """
 
-    def __init__(self, fmt: CallFormat, tools, skip_bytes: int = 0, skip_calls: int = 0):
+    def __init__(self, fmt: CallFormat, tools, skip_bytes: int = 0, skip_calls: int = 0,
+                 skip_args: int = 0, stream: bool = False):
         self.fmt = fmt
         self.tools = tools
+        self.stream = stream and fmt.start == START and fmt.end == END
         self.buf = ""
         self.in_call = False
         self.ws = ""  # held whitespace-only content
-        self.n_calls = 0  # calls parsed (including skipped ones)
+        self.n_calls = 0  # calls ended (including skipped ones)
+        self.begun = 0  # calls begun: the index of the next one
+        # The streamed call under way: its name once its header is out, where
+        # its arguments start in buf, how many characters of them were returned,
+        # and whether they are returned whole (not a JSON object).
+        self.head: str | None = None
+        self.args_at = -1
+        self.args_sent = 0
+        self.whole = False
+        self.end_from = 0  # where to look for its end marker (past one inside a string)
         self.skip_bytes = skip_bytes
         self.skip_calls = skip_calls
+        self.skip_args = skip_args
 
     def _held(self, s: str) -> int:
         start = self.fmt.start
@@ -302,19 +388,121 @@ class CallStream:
         if s:
             out.append(s)
 
-    def _call(self, body: str, out_content: list, calls: list) -> None:
+    def _entry(self, index: int, name: str | None, args: str, calls: list) -> None:
+        """Return a call's header (``name`` set) or a fragment of its
+        arguments, less what an earlier worker delivered."""
+        if index < self.skip_calls:
+            if index < self.skip_calls - 1:
+                return
+            name = None  # the header of the last call begun was delivered
+            if self.skip_args and args:
+                b = args.encode("utf-8")
+                n = min(self.skip_args, len(b))
+                self.skip_args -= n
+                args = b[n:].decode("utf-8", errors="ignore")
+        if name is None and not args:
+            return
+        e = {"index": index, "arguments": args}
+        if name is not None:
+            e["name"] = name
+        calls.append(e)
+
+    def _parse(self, body: str) -> list[dict]:
+        if self.fmt.start == START and self.fmt.end == END:
+            got = raw_call(body)
+            if got is not None:
+                return [{"name": got[0], "arguments": got[1]}]
+        return _calls_of(self.fmt.parse(body, self.tools))
+
+    def _ends_call(self, body: str) -> bool:
+        """Whether an end marker after ``body`` ends the streamed call: the
+        grammar makes the call's text valid, so a marker after text that does
+        not parse yet is inside one of the arguments' strings."""
+        if _NAME.match(body) is None:
+            return True  # not streamed: the first marker ends it, as for whole calls
         try:
-            parsed = _calls_of(self.fmt.parse(body, self.tools))
+            self._parse(body)
         except Exception:
-            self._content(self.fmt.start + body + (self.fmt.end if self.fmt.end else ""), out_content)
+            return False
+        return True
+
+    def _open(self, body: str, calls: list) -> None:
+        """Return what is certain of the streamed call under way, whose text
+        so far is ``body``: its header once the name is complete, then its
+        arguments but what may be the call's closing."""
+        if self.head is None:
+            m = _NAME.match(body)
+            if m is None:
+                return
+            try:
+                name = json.loads(m.group(1))
+            except ValueError:
+                return
+            if not name:
+                return
+            self.head = name
+            self.ws = ""  # whitespace before a call is not content
+            self._entry(self.begun, name, "", calls)
+            self.begun += 1
+        if self.args_at < 0:
+            m = _HEAD.match(body)
+            if m is None:
+                return
+            self.args_at = m.end()
+            self.whole = body[self.args_at] != "{"
+        if self.whole:
+            return
+        sent = self.args_at + self.args_sent
+        upto = _closing_at(body, sent, self.fmt.end)
+        if upto > sent:
+            self._entry(self.begun - 1, None, body[sent:upto], calls)
+            self.args_sent = upto - self.args_at
+
+    def _close(self, body: str, calls: list) -> None:
+        """End the streamed call whose text is ``body``: the rest of its
+        arguments."""
+        sent = body[self.args_at:self.args_at + self.args_sent] if self.args_at >= 0 else ""
+        got = None if self.whole else raw_call(body)
+        if got is not None:
+            args = got[1]
+        else:
+            try:
+                parsed = _calls_of(self.fmt.parse(body, self.tools))
+                args = parsed[0]["arguments"] if len(parsed) == 1 else None
+            except Exception:
+                args = None
+            if args is None or not args.startswith(sent):
+                # Cut short: the arguments as far as they were generated.
+                args = body[self.args_at:] if self.args_at >= 0 else ""
+        self._entry(self.begun - 1, None, args[len(sent):], calls)
+        self.n_calls += 1
+        self.ws = ""
+        self.head, self.args_at, self.args_sent, self.whole = None, -1, 0, False
+
+    def _call(self, body: str, closed: bool, out_content: list, calls: list) -> None:
+        """A call's text from its start marker to its end marker (``closed``)
+        or to the end of the output."""
+        text = body
+        if not closed:  # the output may end inside the end marker
+            for k in range(len(self.fmt.end) - 1, 0, -1):
+                if body.endswith(self.fmt.end[:k]):
+                    body = body[:-k]
+                    break
+        if self.stream:
+            self._open(body, calls)
+            if self.head is not None:
+                self._close(body, calls)
+                return
+        try:
+            parsed = self._parse(body)
+        except Exception:
+            self._content(self.fmt.start + text + (self.fmt.end if closed else ""), out_content)
             return
         self.ws = ""  # whitespace before or between calls is not content
         for c in parsed:
+            self._entry(self.begun, c["name"], c["arguments"], calls)
+            self.begun += 1
             self.n_calls += 1
-            if self.skip_calls:
-                self.skip_calls -= 1
-            else:
-                calls.append(c)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         self.buf += text
@@ -333,16 +521,23 @@ class CallStream:
                 self._content(self.buf[:len(self.buf) - keep], content)
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
-            j = self.buf.find(end) if end else -1
+            j = self.buf.find(end, self.end_from) if end else -1
+            if j >= 0 and self.stream and not self._ends_call(self.buf[:j]):
+                self.end_from = j + len(end)  # the marker is inside a string of the arguments
+                continue
+            if j < 0 and end:  # not in what is here: the next search starts at its last chance
+                self.end_from = max(self.end_from, len(self.buf) - len(end) + 1)
             if j >= 0:
                 body, self.buf = self.buf[:j], self.buf[j + len(end):]
-                self.in_call = False
-                self._call(body, content, calls)
+                self.in_call, self.end_from = False, 0
+                self._call(body, True, content, calls)
                 continue
             if final:
                 body, self.buf = self.buf, ""
-                self.in_call = False
-                self._call(body, content, calls)  # an unterminated call: parse what there is
+                self.in_call, self.end_from = False, 0
+                self._call(body, False, content, calls)  # an unterminated call: parse what there is
+            elif self.stream:
+                self._open(self.buf, calls)
             break
         if final and self.ws:
             ws, self.ws = self.ws, ""

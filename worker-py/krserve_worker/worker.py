@@ -553,7 +553,8 @@ class Worker:
             if con is not None and con.fmt is not None:
                 # Content and calls are counted apart: the text is replayed
                 # whole and CallStream skips what was delivered.
-                calls = tools.CallStream(con.fmt, con.treq.tools, p.sent, p.sent_calls)
+                calls = tools.CallStream(con.fmt, con.treq.tools, p.sent, p.sent_calls, p.sent_args,
+                                         stream=con.treq.constrained)
                 if p.resume:
                     text.replay(p.resume, 0)
             elif p.resume:

@@ -1,0 +1,271 @@
+"""Tool calls streamed in fragments (krserve_worker.tools.CallStream, stream=True).
+
+The texts are what the calls' grammar writes for ``tool_choice`` ``required``
+or a named function (json_tools layout, no flexible whitespace): however the
+text is cut into deltas, the entries assemble to the calls the whole-call path
+gives, arguments byte for byte; fragments never carry the closing markup; a
+resume at any point delivers exactly the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from krserve_worker import grammar, tools
+
+MODEL = Path(os.path.expanduser("~/.cache/krserve/models/SmolLM2-135M-Instruct-Q4_1"))
+
+WEATHER = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>'
+# Braces, markers and escapes inside strings, nesting, numbers, non-ASCII.
+EVENT = ('<tool_call>\n{"name":"create_event","arguments":{"title":"Lunch } at <tool_call> \\"Chez Zoé\\" 🙂",'
+         '"when":{"day":"2025-01-02","hours":[12,13.5,-1e3]},"notes":"a\\nb }\\n</tool_call> }}","ok":true}}\n'
+         '</tool_call>')
+# parallel calls (required): one after another, the second without arguments.
+TWO = WEATHER + '\n<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>'
+# A native json_tools model's own spacing (the parsers accept it too).
+SPACED = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]} }\n</tool_call>'
+TEXTS = [WEATHER, EVENT, TWO, SPACED]
+IDS = ["weather", "event", "two", "spaced"]
+# What each text calls: name and arguments, as the model wrote them.
+CALLS = {
+    WEATHER: [("get_weather", '{"city":"Paris"}')],
+    EVENT: [("create_event", EVENT[EVENT.index('{"title"'):EVENT.rindex("}}") + 1])],
+    TWO: [("get_weather", '{"city":"Paris"}'), ("get_time", "{}")],
+    SPACED: [("get_weather", '{"city": "Paris", "days": [1, 2]}')],
+}
+
+
+def feed(cs, pieces, final=True):
+    content, entries = "", []
+    for p in pieces:
+        c, e = cs.feed(p)
+        content += c
+        entries += e
+    if final:
+        c, e = cs.feed("", final=True)
+        content += c
+        entries += e
+    return content, entries
+
+
+def check_order(entries, begun=0):
+    """The scheduler's rule (scheduler.checkCalls): a named entry begins the
+    next call, an unnamed one continues the last call begun."""
+    for e in entries:
+        if e.get("name"):
+            assert e["index"] == begun, entries
+            begun += 1
+        else:
+            assert begun > 0 and e["index"] == begun - 1, entries
+    return begun
+
+
+def assemble(entries):
+    check_order(entries)
+    calls = []
+    for e in entries:
+        if e.get("name"):
+            calls.append({"name": e["name"], "arguments": ""})
+        calls[e["index"]]["arguments"] += e["arguments"]
+    return calls
+
+
+def whole(text):
+    """The whole-call path (tool_choice auto) on the same text, in one delta."""
+    content, entries = feed(tools.CallStream(tools.FALLBACK, []), [text])
+    assert all("name" in e for e in entries)
+    return content, [{"name": e["name"], "arguments": e["arguments"]} for e in entries]
+
+
+def cuts(text, rng):
+    """Ways to cut text into deltas: single characters, fixed sizes, every
+    split in two, random partitions."""
+    yield list(text)
+    for size in (2, 3, 5, 8, 13, len(text)):
+        yield [text[i:i + size] for i in range(0, len(text), size)]
+    for k in range(1, len(text)):
+        yield [text[:k], text[k:]]
+    for _ in range(200):
+        points = sorted(rng.sample(range(1, len(text)), rng.randint(1, min(20, len(text) - 1))))
+        yield [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+
+
+def expected(text):
+    want = [{"name": n, "arguments": a} for n, a in CALLS[text]]
+    if text is not EVENT:  # (the whole-call path ends a call at the first end marker)
+        assert whole(text) == ("", want)
+    return want
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=IDS)
+def test_every_cut_assembles_the_whole_calls(text):
+    want = expected(text)
+    rng = random.Random(16)
+    for pieces in cuts(text, rng):
+        content, entries = feed(tools.CallStream(tools.FALLBACK, [], stream=True), pieces)
+        assert content == ""
+        assert assemble(entries) == want, pieces
+        for e in entries:
+            if e.get("name"):
+                assert e["arguments"] == ""  # the header: name, then arguments ""
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=IDS)
+def test_fragments_never_carry_the_closing(text):
+    """Fed one character at a time, each call's fragments are its arguments
+    and nothing else (the call's "}" and the end marker are never sent), and
+    they arrive as the model writes them."""
+    want = expected(text)
+    cs = tools.CallStream(tools.FALLBACK, [], stream=True)
+    got: dict[int, str] = {}
+    fragments = 0
+    for ch in text:
+        _, entries = cs.feed(ch)
+        for e in entries:
+            got[e["index"]] = got.get(e["index"], "") + e["arguments"]
+            fragments += not e.get("name")
+            for i, s in got.items():
+                assert want[i]["arguments"].startswith(s)  # never more than the arguments
+    _, entries = cs.feed("", final=True)
+    assert entries == []  # nothing was left to flush: all went out before the end
+    assert [got[i] for i in sorted(got)] == [c["arguments"] for c in want]
+    assert fragments >= sum(len(c["arguments"]) > 1 for c in want) * 2
+
+
+def test_header_as_soon_as_the_name_is_complete():
+    cs = tools.CallStream(tools.FALLBACK, [], stream=True)
+    name_end = WEATHER.index('"get_weather"') + len('"get_weather"')
+    _, entries = cs.feed(WEATHER[:name_end - 1])
+    assert entries == []
+    _, entries = cs.feed(WEATHER[name_end - 1])
+    assert entries == [{"index": 0, "name": "get_weather", "arguments": ""}]
+    # Each character of the arguments goes out with the next one (the last
+    # "}" of the arguments may be the call's).
+    args_at = WEATHER.index('"arguments":') + len('"arguments":')
+    _, entries = cs.feed(WEATHER[name_end:args_at + 3])
+    assert entries == [{"index": 0, "arguments": '{"c'}]
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=IDS)
+def test_resume_at_every_point_delivers_exactly_the_rest(text):
+    """A worker dies after any character: the scheduler counts the calls
+    begun and the bytes of the last one's arguments delivered; the next
+    worker replays the text and sends exactly the rest."""
+    want = expected(text)
+    for k in range(len(text) + 1):
+        first = tools.CallStream(tools.FALLBACK, [], stream=True)
+        c1, e1 = feed(first, [text[i:i + 3] for i in range(0, k, 3)], final=False)
+        begun = check_order(e1)
+        sent_args = 0
+        for e in e1:
+            sent_args = (0 if e.get("name") else sent_args) + len(e["arguments"].encode())
+        resumed = tools.CallStream(tools.FALLBACK, [], skip_bytes=len(c1.encode()), skip_calls=begun,
+                                   skip_args=sent_args, stream=True)
+        c2a, e2a = feed(resumed, [text[:k]], final=False)  # the replay
+        c2b, e2b = feed(resumed, [text[i:i + 4] for i in range(k, len(text), 4)])
+        check_order(e2a + e2b, begun)
+        assert c1 + c2a + c2b == ""
+        assert assemble(e1 + e2a + e2b) == want, k
+
+
+def test_cut_short_ends_the_call_with_what_was_generated():
+    """max_tokens or a stop string ends the output inside a call: a call whose
+    header went out ends with its arguments as far as they were generated;
+    before its name is complete it is content, as for whole calls."""
+    args = '{"city":"Paris"}'
+    name_end = WEATHER.index('"get_weather"') + len('"get_weather"')
+    args_at = WEATHER.index(args)
+    for k in range(len(WEATHER)):
+        content, entries = feed(tools.CallStream(tools.FALLBACK, [], stream=True), list(WEATHER[:k]))
+        if k < name_end:
+            assert entries == [] and content == WEATHER[:k]  # nothing lost
+            continue
+        assert content == ""
+        calls = assemble(entries)
+        assert [c["name"] for c in calls] == ["get_weather"]
+        assert calls[0]["arguments"] == args[:max(0, k - args_at)]
+
+
+def test_an_end_marker_inside_a_string_does_not_end_the_call():
+    _, calls = whole(EVENT)  # the whole-call path cuts at the first marker: content
+    assert calls == []
+    _, entries = feed(tools.CallStream(tools.FALLBACK, [], stream=True), [EVENT])
+    args = json.loads(assemble(entries)[0]["arguments"])
+    assert args["notes"] == "a\nb }\n</tool_call> }}" and args["when"]["hours"] == [12, 13.5, -1000.0]
+
+
+def test_auto_mode_keeps_whole_calls():
+    """tool_choice auto: one entry per call, once it is complete and parses;
+    text that looks like a call but does not parse stays content."""
+    text = "Sure.\n" + TWO + "\n<tool_call>\n{not json}\n</tool_call>"
+    cs = tools.CallStream(tools.FALLBACK, [])
+    content, entries = feed(cs, list(text))
+    assert entries == [{"index": 0, "name": "get_weather", "arguments": '{"city":"Paris"}'},
+                       {"index": 1, "name": "get_time", "arguments": "{}"}]
+    assert content == "Sure.\n<tool_call>\n{not json}\n</tool_call>"
+
+
+def test_arguments_are_the_models_text():
+    """A json_tools call's arguments are kept as written (OpenAI's are the
+    model's text too); another layout is parsed and re-serialized."""
+    assert tools.raw_call('{"name":"f","arguments":{"a":1.50,"b":"\\u00e9"}}') == ("f", '{"a":1.50,"b":"\\u00e9"}')
+    assert tools.raw_call('\n{"name": "f", "arguments": {"a": 1} }\n') == ("f", '{"a": 1}')
+    for not_raw in ['{"arguments":{"a":1},"name":"f"}', '{"name":"f","arguments":"{}"}',
+                    '{"name":"f","arguments":{"a":1},"x":2}', '{"name":"f","arguments":{"a":1}']:
+        assert tools.raw_call(not_raw) is None, not_raw
+    _, calls = whole('<tool_call>\n{"arguments": {"a":1}, "name": "f"}\n</tool_call>')
+    assert calls == [{"name": "f", "arguments": '{"a": 1}'}]
+
+
+def _tool(name, props, required):
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": props, "required": required, "additionalProperties": False}}}
+
+
+WEATHER_TOOL = _tool("get_weather", {"city": {"type": "string"}}, ["city"])
+TIME_TOOL = _tool("get_time", {}, [])
+EVENT_TOOL = _tool("create_event", {
+    "title": {"type": "string"},
+    "when": {"type": "object", "properties": {"day": {"type": "string"}, "hours": {"type": "array", "items": {"type": "number"}}},
+             "required": ["day", "hours"], "additionalProperties": False},
+    "notes": {"type": "string"}, "ok": {"type": "boolean"}}, ["title", "when", "notes", "ok"])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("text,treq", [
+    (WEATHER, tools.ToolRequest([WEATHER_TOOL, TIME_TOOL], "function", "get_weather", True)),
+    (EVENT, tools.ToolRequest([WEATHER_TOOL, EVENT_TOOL], "function", "create_event", True)),
+    (TWO, tools.ToolRequest([WEATHER_TOOL, TIME_TOOL], "required", "", False)),
+], ids=["weather", "event", "two"])
+def test_texts_are_what_the_grammar_writes(text, treq):
+    """The texts above are outputs of the calls' grammar (so the layout the
+    splitter relies on is the grammar's), and the spaced one is not."""
+    if not MODEL.exists():
+        pytest.skip("default model not fetched")
+    from mlx_lm.tokenizer_utils import load
+
+    tok = load(MODEL)
+    grammars = grammar.Grammars(tok._tokenizer, 49152, [2])
+    ids = tok.encode(text, add_special_tokens=False)
+    m = tools.call_matcher(grammars, treq)
+    assert m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+    ids = tok.encode(SPACED, add_special_tokens=False)
+    m = tools.call_matcher(grammars, treq)
+    assert m.try_consume_tokens(ids) < len(ids)
+
+
+def test_gen_resume_counts_are_checked():
+    from krserve_worker.params import InvalidRequest, parse_gen
+
+    gen = {"t": "gen", "id": 1, "prompt": [1, 2], "max_tokens": 4}
+    p = parse_gen(dict(gen, resume=[3], sent_calls=2, sent_args=7), 100)
+    assert (p.sent_calls, p.sent_args) == (2, 7)
+    with pytest.raises(InvalidRequest, match="sent_args without sent_calls"):
+        parse_gen(dict(gen, resume=[3], sent_args=7), 100)
+    with pytest.raises(InvalidRequest, match="sent_args must be >= 0"):
+        parse_gen(dict(gen, resume=[3], sent_calls=1, sent_args=-1), 100)
