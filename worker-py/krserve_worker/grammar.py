@@ -18,8 +18,8 @@ Who does what:
   by the token sampled in the previous step (the last entry of the token
   context mlx-lm passes), then masks the logits to what the grammar allows.
   Once the grammar is complete llguidance allows only EOS. To keep the mask
-  off the critical path the processor starts the step's forward pass
-  (``mx.async_eval(logits)``) before it waits for the sampled token
+  off the critical path the processor submits the sampled token and then the
+  step's forward pass (two ``mx.async_eval``) before it waits for the token
   (``.item()``), so the matcher and the mask are computed while the model runs.
 
 Masks. llguidance writes a bitmask (bit ``i % 32`` of int32 word ``i // 32``
@@ -170,8 +170,14 @@ class GrammarProcessor:
         from llguidance.numpy import fill_next_token_bitmask
 
         if self.calls:
-            mx.async_eval(logits)  # the forward pass runs while we wait and mask
-            token = tokens[-1].item()
+            # The sampled token first, then the forward pass: reading the token
+            # waits for it only (the context's last entry is a new lazy array:
+            # read after the forward pass was queued, it would wait for the
+            # whole pass), and the model runs while the host masks.
+            last = tokens[-1]
+            mx.async_eval(last)
+            mx.async_eval(logits)
+            token = last.item()
             if not self.error and not self.matcher.consume_token(token):
                 self.error = f"grammar refused token {token}: {self.matcher.get_error()}"
         self.calls += 1
