@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from mlx_lm.generate import BatchGenerator
 
 from krserve_worker import batchmask, grammar
 from krserve_worker.sampling import SeededSampler
@@ -175,12 +176,12 @@ def test_mixed_batch_same_as_per_row(ref, grammars):
         15: [("c", "remove")],
     }
     per_row, want, want_procs = _run(
-        lambda m: batchmask.BatchGenerator(m, stop_tokens=[[e] for e in grammars.eos]),
+        lambda m: BatchGenerator(m, stop_tokens=[[e] for e in grammars.eos]),
         ref, grammars, schedule, 40)
     batched, got, got_procs = _run(
         lambda m: batchmask.generator(m, masker, stop_tokens=[[e] for e in grammars.eos])[0],
         ref, grammars, schedule, 40)
-    assert type(per_row) is batchmask.BatchGenerator
+    assert type(per_row) is BatchGenerator
     assert type(batched._generation_batch) is batchmask.MaskingGenerationBatch  # still ours after joins
     assert len(got) == len(want)
     for step, (w, g) in enumerate(zip(want, got)):
