@@ -55,8 +55,8 @@ def _matchers(grammars, kinds):
 def test_masker_equals_per_row_processors(ref, grammars, extra):
     """A mixed batch stepped by hand: constrained rows (three grammars, joined
     at different steps) and free rows; rows leave and join between steps; one
-    row is fed a token its grammar refuses; the last steps have every row
-    constrained. At every step the BatchMasker's
+    row is fed a token its grammar refuses; then come steps with every row
+    constrained and steps with one constrained row among free ones. At every step the BatchMasker's
     logits equal, bit for bit, those of each row's GrammarProcessor called as
     mlx-lm's loop calls it, and both leave the processors in the same state."""
     import mlx.core as mx
@@ -72,7 +72,7 @@ def test_masker_equals_per_row_processors(ref, grammars, extra):
     # per-row path, context tokens): the two processors have twin matchers.
     rows = [(k, *(grammar.GrammarProcessor(m, n_vocab) if m else None for m in pair), [1, 5, 9])
             for k, pair in zip(kinds, zip(_matchers(grammars, kinds), _matchers(grammars, kinds)))]
-    constrained_seen = full_steps = 0
+    constrained_seen = full_steps = single_steps = 0
     refused = None
     for step in range(24):
         if step == 6:
@@ -84,6 +84,8 @@ def test_masker_equals_per_row_processors(ref, grammars, extra):
                              grammar.GrammarProcessor(b, n_vocab) if b else None, [2, 3]))
         if step == 18:  # the free and failed rows leave: every row constrained
             rows = [r for r in rows if r[1] is not None and not r[1].error]
+        if step == 21:  # one constrained row among free ones
+            rows = rows[:1] + [(None, None, None, [4, 4]), (None, None, None, [6])]
         logits = mx.array(rng.standard_normal((len(rows), width)).astype(np.float32) * 4)
         inputs = mx.array([r[3][-1] for r in rows], dtype=mx.uint32)
         want = []
@@ -99,6 +101,7 @@ def test_masker_equals_per_row_processors(ref, grammars, extra):
                 assert (p.calls, p.error.split("\n")[0]) == (q.calls, q.error.split("\n")[0])
         constrained_seen = max(constrained_seen, len(grows))
         full_steps += all(r[1] is not None and not r[1].error for r in rows)
+        single_steps += len(rows) > 1 and sum(r[1] is not None and not r[1].error for r in rows) == 1
         # Next tokens: each row's best allowed token; at step 12 row 0 gets a
         # token its grammar refuses instead (both paths must flag it, not mask it).
         for e, r in enumerate(rows):
@@ -113,7 +116,7 @@ def test_masker_equals_per_row_processors(ref, grammars, extra):
                 token = 7  # keep going past a finished grammar: refused too
             r[3].append(token)
     assert refused.error.startswith("grammar refused token")
-    assert constrained_seen >= 3 and full_steps >= 3
+    assert constrained_seen >= 3 and full_steps >= 3 and single_steps >= 3
 
 
 def _run(gen_factory, ref, grammars, schedule, n_steps):

@@ -16,8 +16,8 @@ unchanged except the processor block (``_process``), which
    rows that have them, per row as mlx-lm does, and puts those rows back;
 2. hands every row whose last processor is a ``grammar.GrammarProcessor`` to
    one ``grammar.BatchMasker`` call: the sampled tokens read once, every
-   matcher advanced and every bitmask filled in one llguidance call each, one
-   mask over the constrained rows. The grammar mask stays last, and the
+   matcher advanced, every bitmask filled in one llguidance call, one mask
+   over the constrained rows. The grammar mask stays last, and the
    logprobs are still computed from the processed logits.
 
 A sequence's first step runs before it joins this batch: mlx-lm's
