@@ -4,7 +4,8 @@ Decodes B sequences together as the worker does (OpenBLAS and float32 weights
 on the Linux CPU), with 0, 1 or all B sequences constrained by
 krserve_worker.grammar.GrammarProcessor, and reports decode tokens/s for each,
 medians over --reps runs with min and max, interleaved so drift hits every
-case alike. Two paths (--path, both by default, interleaved in one run):
+case alike, and the process's CPU time per token (all its threads), which
+other jobs on a shared machine disturb less than tok/s. Two paths (--path, both by default, interleaved in one run):
 
 - ``per-row``: mlx-lm's own BatchGenerator, which calls each row's processors
   one row at a time (krserve before batchmask.py);
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     prompt = tok.apply_chat_template([{"role": "user", "content": "List people as JSON objects."}],
                                      add_generation_prompt=True, tokenize=True)
 
-    def run(path: str, n_constrained: int) -> float:
+    def run(path: str, n_constrained: int) -> tuple[float, float]:
         kw = dict(stop_tokens=[], completion_batch_size=args.batch, prefill_batch_size=args.batch)
         if path == "batched":
             gen = batchmask.MaskingBatchGenerator(model, masker, **kw)
@@ -118,13 +119,14 @@ def main(argv=None) -> int:
             _, responses = gen.next()
             if responses and t0 is None:
                 t0 = time.perf_counter()  # from the first decoded token: prefill excluded
+                c0 = time.process_time()
                 continue
             n += len(responses)
             if any(r.finish_reason for r in responses) and all(r.finish_reason for r in responses):
                 break
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert not any(p and p[0].error for p in procs), [p[0].error for p in procs if p]
-        return n / dt
+        return n / dt, 1e6 * cpu / n
 
     runs = {(p, k): [] for k in cases for p in paths}
     for p in paths:
@@ -133,11 +135,24 @@ def main(argv=None) -> int:
         for k, c in cases.items():
             for p in paths:
                 runs[(p, k)].append(run(p, c))
-    print(f"{head}, {args.tokens} tokens/sequence; decode tok/s, median (min, max), % of the same path's free")
+    print(f"{head}, {args.tokens} tokens/sequence")
+    print("decode tok/s, median (min, max); % of free: of the same path's free median, and the "
+          "median (min, max) of each rep's ratio to that rep's free run")
     for p in paths:
-        base = statistics.median(runs[(p, "free")])
+        free = [t for t, _ in runs[(p, "free")]]
+        base = statistics.median(free)
         for k in cases:
-            v = runs[(p, k)]
+            v = [t for t, _ in runs[(p, k)]]
+            r = [100 * a / b for a, b in zip(v, free)]
+            print(f"{p:>8} {k:>18}: {summary(v)}  {statistics.median(v) / base:6.1%}  "
+                  f"per rep {statistics.median(r):5.1f}% ({min(r):.1f}, {max(r):.1f})")
+    # CPU time of this process (every thread: MLX's, llguidance's) per token:
+    # what the work costs, less exposed than tok/s to other jobs on a shared machine.
+    print("process CPU µs per decoded token, median (min, max); % of the same path's free median")
+    for p in paths:
+        base = statistics.median(c for _, c in runs[(p, "free")])
+        for k in cases:
+            v = [c for _, c in runs[(p, k)]]
             print(f"{p:>8} {k:>18}: {summary(v)}  {statistics.median(v) / base:6.1%}")
     return 0
 
