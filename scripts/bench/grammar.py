@@ -4,11 +4,15 @@ Decodes B sequences together as the worker does (OpenBLAS and float32 weights
 on the Linux CPU), with 0, 1 or all B sequences constrained by
 krserve_worker.grammar.GrammarProcessor, and reports decode tokens/s for each,
 medians over --reps runs with min and max, interleaved so drift hits every
-case alike, and the process's CPU time per token (all its threads), which
-other jobs on a shared machine disturb less than tok/s. Two paths (--path, both by default, interleaved in one run):
+case alike, and each rep's ratio to that rep's free run (runs seconds
+apart: less exposed to other jobs on a shared machine than the medians).
+Two paths (--path, both by default, interleaved in one run):
 
 - ``per-row``: mlx-lm's own BatchGenerator, which calls each row's processors
-  one row at a time (krserve before batchmask.py);
+  one row at a time (krserve before batchmask.py; its GrammarProcessor now
+  reads the sampled token before queueing the forward pass, which helps the
+  first row of a step only: the other rows' token contexts are queued behind
+  the forward pass);
 - ``batched``: the worker's generator (krserve_worker.batchmask): all
   constrained rows of a step masked by one grammar.BatchMasker call.
 
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
     prompt = tok.apply_chat_template([{"role": "user", "content": "List people as JSON objects."}],
                                      add_generation_prompt=True, tokenize=True)
 
-    def run(path: str, n_constrained: int) -> tuple[float, float]:
+    def run(path: str, n_constrained: int) -> float:
         kw = dict(stop_tokens=[], completion_batch_size=args.batch, prefill_batch_size=args.batch)
         if path == "batched":
             gen = batchmask.MaskingBatchGenerator(model, masker, **kw)
@@ -119,14 +123,13 @@ def main(argv=None) -> int:
             _, responses = gen.next()
             if responses and t0 is None:
                 t0 = time.perf_counter()  # from the first decoded token: prefill excluded
-                c0 = time.process_time()
                 continue
             n += len(responses)
             if any(r.finish_reason for r in responses) and all(r.finish_reason for r in responses):
                 break
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        dt = time.perf_counter() - t0
         assert not any(p and p[0].error for p in procs), [p[0].error for p in procs if p]
-        return n / dt, 1e6 * cpu / n
+        return n / dt
 
     runs = {(p, k): [] for k in cases for p in paths}
     for p in paths:
@@ -139,21 +142,13 @@ def main(argv=None) -> int:
     print("decode tok/s, median (min, max); % of free: of the same path's free median, and the "
           "median (min, max) of each rep's ratio to that rep's free run")
     for p in paths:
-        free = [t for t, _ in runs[(p, "free")]]
+        free = runs[(p, "free")]
         base = statistics.median(free)
         for k in cases:
-            v = [t for t, _ in runs[(p, k)]]
+            v = runs[(p, k)]
             r = [100 * a / b for a, b in zip(v, free)]
             print(f"{p:>8} {k:>18}: {summary(v)}  {statistics.median(v) / base:6.1%}  "
                   f"per rep {statistics.median(r):5.1f}% ({min(r):.1f}, {max(r):.1f})")
-    # CPU time of this process (every thread: MLX's, llguidance's) per token:
-    # what the work costs, less exposed than tok/s to other jobs on a shared machine.
-    print("process CPU µs per decoded token, median (min, max); % of the same path's free median")
-    for p in paths:
-        base = statistics.median(c for _, c in runs[(p, "free")])
-        for k in cases:
-            v = [c for _, c in runs[(p, k)]]
-            print(f"{p:>8} {k:>18}: {summary(v)}  {statistics.median(v) / base:6.1%}")
     return 0
 
 
