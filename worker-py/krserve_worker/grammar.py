@@ -213,8 +213,9 @@ class BatchMasker:
     loop) continues here unchanged.
 
     Rows that are not constrained are left alone: when some rows are, only
-    theirs are gathered, masked and scattered back; when all are, the batch is
-    masked in place.
+    theirs are gathered, masked and scattered back (``put_along_axis``, a new
+    array: the caller's logits are not changed); when all are, the whole batch
+    is masked in one op.
     """
 
     def __init__(self, n_vocab: int, mask=None, threads: int | None = None):
