@@ -19,17 +19,19 @@ MODEL = Path(os.path.expanduser("~/.cache/krserve/models/SmolLM2-135M-Instruct-Q
 # -- masks --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("width,words", [(100, 4), (96, 3), (130, 4), (49152, 1536)])
-def test_portable_mask_matches_llguidance_reference(width, words):
+def test_portable_mask_matches_llguidance_reference(width, words, rows):
     """mask_portable gives what llguidance's numpy reference gives (the
-    semantics of its Metal kernel), including logits wider than the bitmask
-    (padded vocabularies: the extra tokens are disallowed)."""
+    semantics of its Metal kernel), one bitmask row per logits row, including
+    logits wider than the bitmask (padded vocabularies: the extra tokens are
+    disallowed)."""
     import mlx.core as mx
     from llguidance.numpy import apply_token_bitmask_inplace
 
     rng = np.random.default_rng(width)
-    bitmask = rng.integers(-2**31, 2**31, size=(1, words), dtype=np.int64).astype(np.int32)
-    logits = rng.standard_normal((1, width)).astype(np.float32)
+    bitmask = rng.integers(-2**31, 2**31, size=(rows, words), dtype=np.int64).astype(np.int32)
+    logits = rng.standard_normal((rows, width)).astype(np.float32)
     want = logits.copy()
     apply_token_bitmask_inplace(want, bitmask)
     got = np.array(grammar.mask_portable(mx.array(logits), bitmask))
@@ -37,15 +39,18 @@ def test_portable_mask_matches_llguidance_reference(width, words):
 
 
 def test_metal_mask_matches_portable():
-    """The Metal kernel and the portable twin give identical masked logits."""
+    """The Metal kernel and the portable twin give identical masked logits,
+    for one row (the per-sequence processor) and for a batch (BatchMasker),
+    including logits wider than the bitmask."""
     import mlx.core as mx
 
     if not (mx.metal.is_available()):
         pytest.skip("no Metal device here: llguidance's Metal kernel cannot run (Linux)")
     rng = np.random.default_rng(0)
-    for width in (100, 49152, 151936):
-        bitmask = rng.integers(-2**31, 2**31, size=(1, (width + 31) // 32), dtype=np.int64).astype(np.int32)
-        logits = mx.array(rng.standard_normal((1, width)).astype(np.float32))
+    for width, rows in ((100, 1), (49152, 1), (151936, 1), (49152, 32), (130, 7)):
+        bitmask = rng.integers(-2**31, 2**31, size=(rows, (width + 31) // 32 - (width == 130)),
+                               dtype=np.int64).astype(np.int32)
+        logits = mx.array(rng.standard_normal((rows, width)).astype(np.float32))
         with mx.stream(mx.gpu):
             metal = np.array(grammar.mask_metal(logits, bitmask))
         np.testing.assert_array_equal(metal, np.array(grammar.mask_portable(logits, bitmask)))

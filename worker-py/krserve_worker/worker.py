@@ -446,7 +446,8 @@ class Worker:
     def __init__(self, model, tokenizer, *, vocab: int, ctx: int, args, writer: FrameWriter,
                  shared: Shared, q: queue.Queue, faults: faults.Faults | None = None):
         import mlx.core as mx
-        from mlx_lm.generate import BatchGenerator
+
+        from . import batchmask
 
         self.mx = mx
         self.model = model
@@ -457,13 +458,20 @@ class Worker:
         self.shared = shared
         self.q = q
         self.eos = set(int(e) for e in tokenizer.eos_token_ids)
-        self.gen = BatchGenerator(
+        self.mask = grammar.pick_mask()
+        try:  # the grammar masks of a decode step, all rows at once (batchmask.py)
+            masker = grammar.BatchMasker(vocab, self.mask)
+        except ImportError:  # no llguidance: no constrained requests either
+            masker = None
+        self.gen, how = batchmask.generator(
             model,
+            masker,
             stop_tokens=[[e] for e in sorted(self.eos)],
             completion_batch_size=args.max_batch,
             prefill_batch_size=args.prefill_batch,
             prefill_step_size=args.prefill_step,
         )
+        log(f"grammar masks in the batch: {how}")
         from mlx_lm.generate import generate_step
 
         self.generate_step = generate_step
@@ -487,7 +495,6 @@ class Worker:
         self.faults = faults
         self._libc = None
         self.tok_cache: dict[int, str] = {}  # token id -> its text (logprobs)
-        self.mask = grammar.pick_mask()
         self.publish()
 
     # -- bookkeeping --
