@@ -69,6 +69,49 @@ def conversation(user_turns, system=SYSTEM):
     return msgs, list(user_turns)
 
 
+def test_linear_trie_search_matches_mlx_lm():
+    """The prompt cache's trie answers every lookup as mlx-lm's PromptTrie
+    does (exact, shorter, longer and common prefix), on tries shaped like a
+    worker's: conversations sharing a system prompt, entries that extend
+    others, prefixes popped by longer entries and entries evicted."""
+    import random
+
+    from mlx_lm.models.cache import PromptTrie
+
+    from krserve_worker.prompt_cache import _linear_trie
+
+    rnd = random.Random(15)
+    for trial in range(40):
+        theirs, ours = PromptTrie(), _linear_trie()
+        head = [rnd.randrange(6) for _ in range(rnd.randrange(0, 5))]
+        system = head + [rnd.randrange(6) for _ in range(rnd.randrange(0, 30))]
+        stored = []
+        for _ in range(rnd.randrange(1, 12)):
+            base = rnd.choice([head, system] + stored) if stored else system
+            tokens = base[:rnd.randrange(len(base) + 1)] + [rnd.randrange(6) for _ in range(rnd.randrange(1, 40))]
+            for t in (theirs, ours):
+                t.add("m", tokens, len(stored))
+            stored.append(tokens)
+            if rnd.random() < 0.3:
+                assert theirs.pop_prefixes("m", tokens) == ours.pop_prefixes("m", tokens)
+            if rnd.random() < 0.2 and len(stored) > 1:
+                gone = stored.pop(rnd.randrange(len(stored) - 1))
+                try:
+                    want = theirs.pop("m", gone)
+                except KeyError:
+                    continue  # popped as a prefix already
+                assert ours.pop("m", gone) == want
+        queries = [s[:rnd.randrange(len(s) + 1)] + [rnd.randrange(6) for _ in range(rnd.randrange(3))]
+                   for s in stored for _ in range(3)] + [[], [7], head, system]
+        for q in queries:
+            try:
+                want = theirs.search("m", q)
+            except TypeError:  # PromptTrie's walk found no longer entry: cannot happen here
+                raise AssertionError(f"trial {trial}: mlx-lm's search failed on {q}")
+            assert ours.search("m", q) == want, (trial, q)
+    assert _linear_trie().search("other", [1, 2]) == PromptTrie().search("other", [1, 2])
+
+
 def test_multi_turn_fast_path_matches_uncached_and_reports_cached(start_worker, ref, clean):
     """One conversation, one request at a time (the fast path): each turn's
     output equals mlx-lm's uncached greedy output, and from turn 2 on at least
