@@ -4,7 +4,8 @@ Threads:
 
 - The main thread owns MLX: ``mlx_lm.load``, the ``BatchGenerator`` and every
   ``insert``/``next``/``remove``. A request that arrives when nothing else runs
-  (and whose prompt fits one prefill step) is decoded with ``generate_step``
+  (and whose prompt, less what the cache holds, is at most ``FAST_PATH_PREFILL``
+  tokens and one prefill step) is decoded with ``generate_step``
   instead, stream_generate's loop: a batch of one pays the batch's per-step
   work. Requests that arrive meanwhile go to the ``BatchGenerator`` and both
   advance one token per loop until the lone one ends
@@ -74,8 +75,10 @@ def parse_args(argv):
                     help="sequences decoded together (BatchGenerator completion_batch_size)")
     ap.add_argument("--prefill-batch", type=int, default=8,
                     help="prompts prefilled together (prefill_batch_size)")
-    ap.add_argument("--prefill-step", type=int, default=512,
-                    help="prompt tokens per prefill step; smaller keeps cancel responsive")
+    ap.add_argument("--prefill-step", type=int, default=None,
+                    help="prompt tokens per sequence per prefill step (default: 2048 on a "
+                         "GPU, as mlx_lm.server; 512 on the CPU); smaller keeps cancel "
+                         "and the running streams responsive, larger takes fewer steps")
     ap.add_argument("--no-single-fast-path", dest="single_fast_path", action="store_false",
                     help="decode a request that runs alone with BatchGenerator too "
                          "(default: with mlx-lm's generate_step, as stream_generate does)")
@@ -92,13 +95,30 @@ def parse_args(argv):
     ranks.add_args(ap)
     args = ap.parse_args(argv)
     for name in ("max_batch", "prefill_batch", "prefill_step"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.prompt_cache_bytes is None:
         args.prompt_cache_bytes = default_budget(_physical_memory())
     elif args.prompt_cache_bytes < 0:
         ap.error("--prompt-cache-bytes must be >= 0")
     return args
+
+
+# --prefill-step's defaults. On a GPU a prefill step costs more than its
+# tokens: every step's attention has shapes not seen before once the prompt
+# cache is on (cached lengths vary), and on CUDA each new shape builds a cuDNN
+# graph; 2048 is mlx_lm.server's step, so a cached turn is one step there too.
+# On the CPU prefill runs at a few hundred tokens/s: a step of B long prompts
+# would stall every running stream (and a cancel) for minutes.
+PREFILL_STEP_GPU = 2048
+PREFILL_STEP_CPU = 512
+# The fast path prefills synchronously and decodes beside the batch: only for
+# a short rest (what the cache does not hold), whatever the step.
+FAST_PATH_PREFILL = 512
+
+
+def default_prefill_step(on_cpu: bool) -> int:
+    return PREFILL_STEP_CPU if on_cpu else PREFILL_STEP_GPU
 
 
 def _physical_memory() -> int:
@@ -617,9 +637,11 @@ class Worker:
             if r.cache is None and not r.cached:
                 r.cache, r.cached = self.pc.fetch(r.tokens)
         if (self.single_fast_path and not self.reqs and len(self.pending) == 1
-                and len(self.pending[0].tokens) - self.pending[0].cached <= self.prefill_step):
-            # Alone, and what is left to prefill fits one step anyway (a longer
-            # one goes to the generator, whose chunked prefill can be cancelled).
+                and len(self.pending[0].tokens) - self.pending[0].cached
+                <= min(self.prefill_step, FAST_PATH_PREFILL)):
+            # Alone, and what is left to prefill is short and fits one step (a
+            # longer one goes to the generator, whose chunked prefill can be
+            # cancelled and which later arrivals join).
             self.start_fast(self.pending.pop())
         else:
             self.insert_batch(out)
@@ -932,6 +954,8 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         model, tokenizer, config = group.load(args.model) if group else load(args.model, return_config=True)
         vocab, ctx = _model_info(model, tokenizer, config)
         on_cpu = mx.default_device().type == mx.cpu
+        if args.prefill_step is None:
+            args.prefill_step = default_prefill_step(on_cpu)
         weights = dequantize_for_cpu(model, args.dequantize, on_cpu=on_cpu,
                                      fast_blas=blas_info.startswith("OpenBLAS"))
     except Exception as e:
@@ -939,7 +963,7 @@ def main(argv, proto_in: int, proto_out: int) -> int:
                      EXIT_LOAD)
     log(f"loaded {args.model} in {time.monotonic() - t0:.2f}s: vocab {vocab}, ctx {ctx}, "
         f"eos {sorted(tokenizer.eos_token_ids)}; {mx.default_device()}, BLAS: {blas_info}; "
-        f"weights: {weights}")
+        f"weights: {weights}; prefill step {args.prefill_step}")
 
     try:
         injected = faults.Faults.from_env(os.environ, tokenizer)
