@@ -237,6 +237,64 @@ class PromptCache:
             self.lru.trim_to(n_bytes=self.budget - active)
 
 
+class Followers:
+    """New conversations that share a system prompt the cache does not hold
+    yet: the first of them (its leader) prefills it and stores its
+    checkpoint; the others wait for that and then start from the cache, so
+    a burst of N new conversations prefills its system prompt once, not N
+    times (SGLang's radix cache shares a prefix within a batch the same way).
+
+    ``key`` is the system prompt's tokens; the requests are opaque here
+    (``rid`` names them). The worker parks what ``admit`` refuses, and calls
+    ``release`` when a leader stored its checkpoint or left (finished,
+    cancelled, failed): its followers go back to be fetched again (now a hit,
+    unless the checkpoint could not be stored) and inserted."""
+
+    def __init__(self):
+        self._leader: dict[tuple, int] = {}  # key -> the leader's rid
+        self._keys: dict[int, tuple] = {}  # leader rid -> key
+        self._waiting: dict[tuple, list] = {}  # key -> parked (rid, request), in arrival order
+
+    def admit(self, key: tuple, rid: int) -> bool:
+        """Whether ``rid`` may be prefilled now: it leads ``key`` (the first to
+        ask) or already did; else it is to wait for the leader."""
+        lead = self._leader.setdefault(key, rid)
+        if lead == rid:
+            self._keys[rid] = key
+            return True
+        return False
+
+    def park(self, key: tuple, rid: int, req) -> int:
+        """Park ``rid`` behind ``key``'s leader; returns the leader's rid."""
+        self._waiting.setdefault(key, []).append((rid, req))
+        return self._leader[key]
+
+    def release(self, rid: int) -> list:
+        """The requests that waited for leader ``rid`` (none unless it leads)."""
+        key = self._keys.pop(rid, None)
+        if key is None:
+            return []
+        del self._leader[key]
+        return [req for _, req in self._waiting.pop(key, [])]
+
+    def cancel(self, rid: int):
+        """Take a parked request out (its request object), or None."""
+        for key, parked in self._waiting.items():
+            for i, (r, req) in enumerate(parked):
+                if r == rid:
+                    del parked[i]
+                    if not parked:
+                        del self._waiting[key]
+                    return req
+        return None
+
+    def parked(self) -> list:
+        return [req for parked in self._waiting.values() for _, req in parked]
+
+    def __len__(self) -> int:
+        return sum(len(parked) for parked in self._waiting.values())
+
+
 def copy_cache(cache: list) -> list:
     """A checkpoint of a cache that keeps being extended (the fast path)."""
     return copy.deepcopy(cache)

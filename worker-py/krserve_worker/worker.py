@@ -52,7 +52,7 @@ import time
 from . import __version__, blas, faults, grammar, protocol, tools
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
-from .prompt_cache import (PromptCache, copy_cache, default_budget, prefill,
+from .prompt_cache import (Followers, PromptCache, copy_cache, default_budget, prefill,
                            prompt_checkpoints_needed, system_end, with_prefix)
 from .protocol import ProtocolError
 from .textstream import TextStream
@@ -449,6 +449,14 @@ class Request:
             self.carry = ("", [])
         return content, calls
 
+    def system_key(self):
+        """Its system prompt's tokens when it will store a checkpoint there
+        (the cache did not hold it), else None: what new conversations of a
+        burst share (``Followers``)."""
+        if self.cached < self.system_end < len(self.tokens) - 1:
+            return tuple(self.tokens[:self.system_end])
+        return None
+
     def checkpoints(self, prompt_end: bool) -> list[tuple[int, str]]:
         """Where to store the KV state while prefilling, after what the cache
         gave: the end of the system prompt, and with ``prompt_end`` the end of
@@ -503,6 +511,8 @@ class Worker:
         self.reqs: dict[int, Request] = {}  # id -> running request (generator or fast path)
         self.by_uid: dict[int, Request] = {}
         self.pending: list[Request] = []  # validated, not yet inserted
+        # Pending requests waiting for another's system prompt checkpoint.
+        self.followers = Followers()
         self.noise = os.environ.get("KRSERVE_WORKER_NOISE") == "1"
         self.faults = faults
         self._libc = None
@@ -514,7 +524,7 @@ class Worker:
 
     def publish(self):
         s = self.shared
-        s.active = len(self.reqs) + len(self.pending)
+        s.active = len(self.reqs) + len(self.pending) + len(self.followers)
         s.mem_active = int(self.mx.get_active_memory())
         s.mem_peak = int(self.mx.get_peak_memory())
         s.cache = self.pc.nbytes
@@ -547,6 +557,7 @@ class Worker:
             self.by_uid.pop(req.uid, None)
         if saved is not None and saved[0] and len(saved[1]) > req.cached:
             self.pc.store(list(saved[1]), saved[0], "assistant", self.active_bytes())
+        self.release(req.p.id)  # a leader that ended before its checkpoint
 
     # -- messages --
 
@@ -554,7 +565,7 @@ class Worker:
         t = msg["t"]
         rid = msg["id"]
         if t == "gen":
-            if rid in self.reqs or any(r.p.id == rid for r in self.pending):
+            if rid in self.reqs or any(r.p.id == rid for r in self.pending + self.followers.parked()):
                 raise ProtocolError(f"gen for id {rid}, which is already running")
             self.on_gen(msg, out)
         elif t == "cancel":
@@ -621,27 +632,53 @@ class Worker:
             if r.p.id == rid:
                 del self.pending[i]
                 out.append(protocol.done(rid, "cancelled", r.ptoks, 0))
+                self.release(rid)
                 return
+        parked = self.followers.cancel(rid)
+        if parked is not None:
+            out.append(protocol.done(rid, "cancelled", parked.ptoks, 0))
+            return
         req = self.reqs.get(rid)
         if req is None:
             return  # unknown or already finished: not an error
         self.finish(req, remove=True)
         out.append(protocol.done(rid, "cancelled", req.ptoks, req.ctoks, cached=req.cached))
 
+    def release(self, rid: int) -> None:
+        """Leader ``rid`` stored its system checkpoint or left: its followers
+        are fetched again (now a hit) and inserted with the next batch."""
+        for r in self.followers.release(rid):
+            r.cache, r.cached = None, 0
+            self.pending.append(r)
+
     def insert_pending(self, out):
         if not self.pending:
             return
+        go, parked = [], {}
         for r in self.pending:
-            if r.fault:
-                r.fault.on_start()
             if r.cache is None and not r.cached:
                 r.cache, r.cached = self.pc.fetch(r.tokens)
-        if (self.single_fast_path and not self.reqs and len(self.pending) == 1
-                and len(self.pending[0].tokens) - self.pending[0].cached
-                <= min(self.prefill_step, FAST_PATH_PREFILL)):
-            # Alone, and what is left to prefill is short and fits one step (a
-            # longer one goes to the generator, whose chunked prefill can be
-            # cancelled and which later arrivals join).
+            key = r.system_key() if self.pc.enabled else None
+            if key is not None and not self.followers.admit(key, r.p.id):
+                # Another new conversation is prefilling this system prompt:
+                # wait for its checkpoint rather than prefill it again.
+                r.cache, r.cached = None, 0
+                parked.setdefault(self.followers.park(key, r.p.id, r), []).append(r.p.id)
+            else:
+                if r.fault:
+                    r.fault.on_start()
+                go.append(r)
+        self.pending = go
+        for leader, ids in parked.items():
+            log(f"ids {ids} wait for the system prompt of id {leader}")
+        if not go:
+            return
+        if (self.single_fast_path and not self.reqs and len(go) == 1 and not self.followers
+                and len(go[0].tokens) - go[0].cached <= min(self.prefill_step, FAST_PATH_PREFILL)):
+            # Alone (nobody waiting for it either), and what is left to prefill
+            # is short and fits one step (a longer one goes to the generator,
+            # whose chunked prefill can be cancelled and which later arrivals
+            # join).
             self.start_fast(self.pending.pop())
         else:
             self.insert_batch(out)
@@ -660,6 +697,8 @@ class Worker:
             prefill(self.model, cache, toks, pos, stop, self.prefill_step)
             pos = stop
             self.pc.store(toks[:stop], copy_cache(cache), kind, self.active_bytes())
+            if kind == "system":
+                self.release(r.p.id)
         # generate_step shows logits processors only the tokens it is given:
         # they see the prefix the cache and the checkpoints took too.
         processors = [with_prefix(f, toks[:pos]) for f in r.processors] if pos else r.processors
@@ -696,6 +735,7 @@ class Worker:
             log(f"insert failed: {e!r}")
             for r in batch:
                 out.append(protocol.error(r.p.id, "internal", f"insert failed: {e}"))
+                self.release(r.p.id)
             return
         cached = [r.cached for r in batch]
         log(f"inserted {len(batch)} request(s): ids {[r.p.id for r in batch]}"
@@ -750,7 +790,11 @@ class Worker:
         if not uids:
             return
         for uid, (cache, tokens) in self.gen.extract_cache(uids).items():
-            self.pc.store(list(tokens), cache, self.by_uid[uid].kinds.pop(0), self.active_bytes())
+            req = self.by_uid[uid]
+            kind = req.kinds.pop(0)
+            self.pc.store(list(tokens), cache, kind, self.active_bytes())
+            if kind == "system":
+                self.release(req.p.id)
 
     def token_text(self, i: int) -> str:
         s = self.tok_cache.get(i)
@@ -865,13 +909,14 @@ class Worker:
         while True:
             if self.timing:
                 t_loop = time.perf_counter()
-            idle = not self.reqs and not self.pending
+            idle = not self.reqs and not self.pending and not self.followers
             items = self.take(idle)
             out = []
             for item in items:
                 if item[0] == "exit":
                     _, code, why = item
-                    log(f"exiting ({why}), cancelling {len(self.reqs) + len(self.pending)} request(s)")
+                    log(f"exiting ({why}), cancelling "
+                        f"{len(self.reqs) + len(self.pending) + len(self.followers)} request(s)")
                     self.writer.close()
                     if self.by_uid:
                         self.gen.remove(list(self.by_uid))
