@@ -121,7 +121,7 @@ func TestUpRefusesBadSettings(t *testing.T) {
 		{[]string{"--workers", "0"}, "--workers"},
 		{[]string{"--group-size", "0"}, "--group-size"},
 		{[]string{"--batch-size", "0"}, "--batch-size"},
-		{[]string{"--prefill-step", "0"}, "--prefill-step"},
+		{[]string{"--prefill-step", "-1"}, "--prefill-step"},
 		{[]string{"--prefill-batch", "-1"}, "--prefill-batch"},
 		{[]string{"--max-crashes", "0"}, "--max-crashes"},
 		{[]string{"--poison-after", "0"}, "--poison-after"},

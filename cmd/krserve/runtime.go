@@ -127,8 +127,11 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 	}
 	pcfg.Command = func(slot int) supervisor.Command {
 		args := []string{"-m", "krserve_worker", "--model", spec.Path,
-			"--max-batch", strconv.Itoa(maxB), "--prefill-step", strconv.Itoa(c.PrefillStep),
+			"--max-batch", strconv.Itoa(maxB),
 			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
+		if c.PrefillStep > 0 { // else the worker picks by its device
+			args = append(args, "--prefill-step", strconv.Itoa(c.PrefillStep))
+		}
 		if cacheBytes >= 0 {
 			args = append(args, "--prompt-cache-bytes", strconv.FormatInt(cacheBytes, 10))
 		}

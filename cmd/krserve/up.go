@@ -153,7 +153,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.DurationVar(&c.StopGrace, "stop-grace", 3*time.Second, "per stage of a worker stop (shutdown frame, SIGTERM, SIGKILL)")
 	f.IntVar(&c.RecycleRequests, "recycle-requests", 0, "replace a worker after it served this many requests (0: never)")
 	f.IntVar(&c.RecycleRSSMB, "recycle-rss-mb", 0, "replace a worker whose resident memory passes this (0: never)")
-	f.IntVar(&c.PrefillStep, "prefill-step", 512, "prompt tokens per prefill step in the worker (smaller: faster cancel)")
+	f.IntVar(&c.PrefillStep, "prefill-step", 0, "prompt tokens per sequence per prefill step in the worker (0: the worker's default, 2048 on a GPU as mlx_lm.server, 512 on the CPU; smaller: faster cancel, shorter stalls of running streams; larger: fewer steps)")
 	f.IntVar(&c.PrefillBatch, "prefill-batch", 0, "prompts a worker prefills in one step (0: as many as it decodes at once, so a burst of arrivals is prefilled together; less: shorter stalls of running streams)")
 	f.StringVar(&c.Dequantize, "dequantize", "auto", "auto, on or off: workers hold a quantized model's weights as float32 (auto: on mlx's CPU device with OpenBLAS, when they fit in a quarter of memory; float32 matmuls are far faster there than quantized ones)")
 	f.Int64Var(&c.PromptCacheBytes, "prompt-cache-bytes", -1, fmt.Sprintf("bytes of KV state each worker's prompt cache and its running sequences may hold together "+
@@ -278,8 +278,8 @@ func runUp(parent context.Context, c upConfig) error {
 	if c.DrainDelay < 0 || c.DrainTimeout < 0 {
 		return fmt.Errorf("--drain-delay and --drain-timeout must not be negative; got %v and %v", c.DrainDelay, c.DrainTimeout)
 	}
-	if c.PrefillStep < 1 {
-		return fmt.Errorf("--prefill-step must be at least 1; got %d", c.PrefillStep)
+	if c.PrefillStep < 0 {
+		return fmt.Errorf("--prefill-step must be at least 0 (0: the worker's default); got %d", c.PrefillStep)
 	}
 	if c.PrefillBatch < 0 {
 		return fmt.Errorf("--prefill-batch must be at least 0 (0: the batch size); got %d", c.PrefillBatch)

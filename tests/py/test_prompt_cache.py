@@ -69,6 +69,127 @@ def conversation(user_turns, system=SYSTEM):
     return msgs, list(user_turns)
 
 
+def test_linear_trie_search_matches_mlx_lm():
+    """The prompt cache's trie answers every lookup as mlx-lm's PromptTrie
+    does (exact, shorter, longer and common prefix), on tries shaped like a
+    worker's: conversations sharing a system prompt, entries that extend
+    others, prefixes popped by longer entries and entries evicted."""
+    import random
+
+    from mlx_lm.models.cache import PromptTrie
+
+    from krserve_worker.prompt_cache import _linear_trie
+
+    rnd = random.Random(15)
+    for trial in range(40):
+        theirs, ours = PromptTrie(), _linear_trie()
+        head = [rnd.randrange(6) for _ in range(rnd.randrange(0, 5))]
+        system = head + [rnd.randrange(6) for _ in range(rnd.randrange(0, 30))]
+        stored = []
+        for _ in range(rnd.randrange(1, 12)):
+            base = rnd.choice([head, system] + stored) if stored else system
+            tokens = base[:rnd.randrange(len(base) + 1)] + [rnd.randrange(6) for _ in range(rnd.randrange(1, 40))]
+            for t in (theirs, ours):
+                t.add("m", tokens, len(stored))
+            stored.append(tokens)
+            if rnd.random() < 0.3:
+                assert theirs.pop_prefixes("m", tokens) == ours.pop_prefixes("m", tokens)
+            if rnd.random() < 0.2 and len(stored) > 1:
+                gone = stored.pop(rnd.randrange(len(stored) - 1))
+                try:
+                    want = theirs.pop("m", gone)
+                except KeyError:
+                    continue  # popped as a prefix already
+                assert ours.pop("m", gone) == want
+        queries = [s[:rnd.randrange(len(s) + 1)] + [rnd.randrange(6) for _ in range(rnd.randrange(3))]
+                   for s in stored for _ in range(3)] + [[], [7], head, system]
+        for q in queries:
+            try:
+                want = theirs.search("m", q)
+            except TypeError:  # PromptTrie's walk found no longer entry: cannot happen here
+                raise AssertionError(f"trial {trial}: mlx-lm's search failed on {q}")
+            assert ours.search("m", q) == want, (trial, q)
+    assert _linear_trie().search("other", [1, 2]) == PromptTrie().search("other", [1, 2])
+
+
+def test_followers_wait_for_their_leader():
+    """The policy alone: the first request of a system prompt leads, later
+    ones wait in arrival order until the leader releases them; a cancelled
+    follower leaves the queue; after a release the next one leads again."""
+    from krserve_worker.prompt_cache import Followers
+
+    f = Followers()
+    a, b = (1, 2, 3), (1, 2, 4)
+    assert f.admit(a, 10) and f.admit(a, 10)  # the leader, asked again
+    assert not f.admit(a, 11) and f.park(a, 11, "r11") == 10
+    assert not f.admit(a, 12) and f.park(a, 12, "r12") == 10
+    assert f.admit(b, 20)  # another system prompt has its own leader
+    assert not f.admit(b, 21) and f.park(b, 21, "r21") == 20
+    assert len(f) == 3 and f.parked() == ["r11", "r12", "r21"]
+    assert f.cancel(12) == "r12" and f.cancel(12) is None and len(f) == 2
+    assert f.release(11) == []  # not a leader
+    assert f.release(10) == ["r11"] and f.release(10) == []
+    assert f.admit(a, 13)  # released: the next request of a leads
+    assert f.release(20) == ["r21"] and len(f) == 0
+    assert f.cancel(21) is None
+
+
+def _system_end(tok, msgs):
+    from krserve_worker.prompt_cache import system_end
+
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    return ids, system_end(tok, msgs, ids)
+
+
+def test_a_burst_prefills_its_system_prompt_once(start_worker, ref, clean):
+    """New conversations sent together with the same system prompt: the
+    first prefills it, the others wait for its checkpoint and start from
+    the cache. Every output equals the uncached reference."""
+    _, tok = ref
+    w = start_worker()
+    w.hello()
+    convs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+             for q in QUESTIONS[:3]]
+    w.send(*[chat(1 + k, m, 12, logit_bias=clean) for k, m in enumerate(convs)])
+    got = [summarize(w.collect(1 + k)) for k in range(3)]
+    err = w.stderr_text()
+    sys_end = None
+    for k, (m, g) in enumerate(zip(convs, got)):
+        ids, sys_end = _system_end(tok, m)
+        assert sys_end > 0
+        want = ref_greedy(ref, ids, 12, logit_bias=clean)
+        assert g["ids"] == want["ids"] and g["text"] == want["text"], k
+        assert g["last"].get("cached", 0) == (0 if k == 0 else sys_end), k
+    assert "inserted 1 request(s): ids [1]" in err
+    assert "ids [2, 3] wait for the system prompt of id 1" in err
+    assert f"inserted 2 request(s): ids [2, 3], cached [{sys_end}, {sys_end}]" in err
+
+
+def test_cancel_while_waiting_for_a_system_prompt(start_worker, ref, clean):
+    """A waiting request can be cancelled; so can the leader it waits for,
+    and the request left still gets its uncached reference output. (The
+    cancels race the leader's checkpoint: either way the outcome holds.)"""
+    _, tok = ref
+    w = start_worker(args=("--prefill-step", "4"))  # a long system prompt: many steps
+    w.hello()
+    system = " ".join([SYSTEM] * 6)
+    convs = [[{"role": "system", "content": system}, {"role": "user", "content": q}]
+             for q in QUESTIONS[:3]]
+    w.send(*[chat(1 + k, m, 10 ** 5 if k < 2 else 12, logit_bias=clean)
+             for k, m in enumerate(convs)])
+    wait_log(w, "ids [2, 3] wait for the system prompt of id 1")
+    w.send({"t": "cancel", "id": 2}, {"t": "cancel", "id": 1})
+    assert w.collect(2)[-1]["reason"] == "cancelled"
+    assert w.collect(1)[-1]["reason"] == "cancelled"
+    got = summarize(w.collect(3))
+    ids, sys_end = _system_end(tok, convs[2])
+    want = ref_greedy(ref, ids, 12, logit_bias=clean)
+    assert got["ids"] == want["ids"] and got["text"] == want["text"]
+    assert got["last"].get("cached", 0) <= sys_end
+    w.send(chat(4, convs[0], 4))  # the worker goes on
+    assert summarize(w.collect(4))["last"]["reason"] in ("stop", "length")
+
+
 def test_multi_turn_fast_path_matches_uncached_and_reports_cached(start_worker, ref, clean):
     """One conversation, one request at a time (the fast path): each turn's
     output equals mlx-lm's uncached greedy output, and from turn 2 on at least

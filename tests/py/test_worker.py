@@ -166,6 +166,33 @@ def test_no_single_fast_path_gives_the_same_output(start_worker, ref, prompts):
     assert got["last"]["reason"] == want["reason"] and got["last"]["ctoks"] == want["ctoks"]
 
 
+def test_fast_path_only_for_a_short_prefill_whatever_the_step(start_worker, ref):
+    """With a GPU's prefill step (2048) a lone request still takes the fast
+    path only when at most 512 tokens are left to prefill: a longer one is
+    prefilled in the BatchGenerator, whose steps later arrivals join. Both
+    match the reference; the CPU's default step is 512."""
+    assert "prefill step 512" in start_worker_log(start_worker)
+    w = start_worker(args=("--prefill-step", "2048"))
+    w.hello()
+    short = [(i * 7) % 500 + 3 for i in range(500)]
+    long = [(i * 11) % 500 + 3 for i in range(600)]
+    for rid, p in ((21, short), (22, long)):
+        w.send(gen(rid, p, 8, logit_bias=NO_EOS))
+        got = summarize(w.collect(rid))
+        want = ref_greedy(ref, p, 8, logit_bias=NO_EOS)
+        assert got["ids"] == want["ids"] and got["text"] == want["text"]
+    err = w.stderr_text()
+    assert "prefill step 2048" in err
+    assert "fast path: id 21" in err and "fast path: id 22" not in err
+    assert "inserted 1 request(s): ids [22]" in err
+
+
+def start_worker_log(start_worker) -> str:
+    w = start_worker()
+    w.hello()
+    return w.stderr_text()
+
+
 def test_four_at_once_match_batch_generate(worker, ref, prompts, new_id):
     from mlx_lm import batch_generate
     from mlx_lm.sample_utils import make_logits_processors

@@ -62,6 +62,66 @@ def default_budget(physical_memory: int) -> int:
     return physical_memory // 8
 
 
+def _linear_trie():
+    """mlx-lm's ``PromptTrie`` with a ``search`` that costs the nodes it
+    visits, not the sum of their depths.
+
+    To find the nearest longer entry, ``PromptTrie.search`` walks the subtree
+    below the prompt's end depth first, building each path as ``extra + [tok]``:
+    a new list per node, so a branch of ``d`` tokens costs ``d**2 / 2`` element
+    copies. A new conversation shares only the chat template's first tokens
+    with the cached ones, so its search walks every cached conversation whole:
+    with 16 conversations of ~3,200 tokens that was ~50 ms per fetch here and,
+    on the GPU host, 1.7-2.7 s of fetches for a burst of 16 new conversations,
+    all on the MLX thread (docs/benchmarks.md, "Prompt cache: time to first
+    token"). This one walks the same nodes in the same order, carrying each
+    path as a linked list (a node, its depth, its parent link), and rebuilds
+    only the path it returns: the same result, in linear time. mlx-lm's main
+    branch still has the quadratic walk (checked 2026-08-22)."""
+    from mlx_lm.models.cache import PromptTrie, PromptTrieResult
+
+    class LinearTrie(PromptTrie):
+        def search(self, model, tokens):
+            if model not in self._trie:
+                return PromptTrieResult(model, None, None, None, 0)
+            current = self._trie[model]
+            if not tokens and "__value__" in current:
+                return PromptTrieResult(model, [], None, None, 0)
+            last_index = -1
+            index = 0
+            while index < len(tokens) and tokens[index] in current:
+                current = current[tokens[index]]
+                if "__value__" in current:
+                    last_index = index
+                index += 1
+            if last_index == len(tokens) - 1 >= 0:
+                return PromptTrieResult(model, tokens, None, None, 0)
+            shorter = tokens[: last_index + 1] if last_index > 0 else None
+            longer = None
+            if index > 0:
+                # PromptTrie.search's depth-first walk, node for node; a path
+                # is (token, parent path), its length carried beside it.
+                best, best_len = None, -1
+                stack = [(current, 0, None)]
+                while stack:
+                    node, depth, path = stack.pop()
+                    if "__value__" in node:
+                        if best_len < 0 or depth < best_len:
+                            best, best_len = path, depth
+                    elif best_len < 0 or depth < best_len:
+                        for tok in node:
+                            stack.append((node[tok], depth + 1, (tok, path)))
+                if best_len >= 0:  # (PromptTrie's walk fails when none is found)
+                    extra = []
+                    while best is not None:
+                        extra.append(best[0])
+                        best = best[1]
+                    longer = tokens[:index] + extra[::-1]
+            return PromptTrieResult(model, None, shorter, longer, index)
+
+    return LinearTrie()
+
+
 def _counting_order():
     """mlx-lm's eviction order, counting evictions: ``pop`` is called only to
     evict (for the entry limit, the byte limit and ``trim_to``); replaced
@@ -88,6 +148,7 @@ class PromptCache:
         self.lru = LRUPromptCache(max_size=max_entries, max_bytes=self.budget)
         # The attribute LRUPromptCache evicts through (tests/py check the count).
         self.lru._lru = _counting_order()
+        self.lru._trie = _linear_trie()  # the same lookups, in linear time
         self.skipped = 0  # entries larger than the room the budget left
 
     @property
@@ -174,6 +235,64 @@ class PromptCache:
         """Evict until the cache and the running sequences fit the budget."""
         if self.enabled:
             self.lru.trim_to(n_bytes=self.budget - active)
+
+
+class Followers:
+    """New conversations that share a system prompt the cache does not hold
+    yet: the first of them (its leader) prefills it and stores its
+    checkpoint; the others wait for that and then start from the cache, so
+    a burst of N new conversations prefills its system prompt once, not N
+    times (SGLang's radix cache shares a prefix within a batch the same way).
+
+    ``key`` is the system prompt's tokens; the requests are opaque here
+    (``rid`` names them). The worker parks what ``admit`` refuses, and calls
+    ``release`` when a leader stored its checkpoint or left (finished,
+    cancelled, failed): its followers go back to be fetched again (now a hit,
+    unless the checkpoint could not be stored) and inserted."""
+
+    def __init__(self):
+        self._leader: dict[tuple, int] = {}  # key -> the leader's rid
+        self._keys: dict[int, tuple] = {}  # leader rid -> key
+        self._waiting: dict[tuple, list] = {}  # key -> parked (rid, request), in arrival order
+
+    def admit(self, key: tuple, rid: int) -> bool:
+        """Whether ``rid`` may be prefilled now: it leads ``key`` (the first to
+        ask) or already did; else it is to wait for the leader."""
+        lead = self._leader.setdefault(key, rid)
+        if lead == rid:
+            self._keys[rid] = key
+            return True
+        return False
+
+    def park(self, key: tuple, rid: int, req) -> int:
+        """Park ``rid`` behind ``key``'s leader; returns the leader's rid."""
+        self._waiting.setdefault(key, []).append((rid, req))
+        return self._leader[key]
+
+    def release(self, rid: int) -> list:
+        """The requests that waited for leader ``rid`` (none unless it leads)."""
+        key = self._keys.pop(rid, None)
+        if key is None:
+            return []
+        del self._leader[key]
+        return [req for _, req in self._waiting.pop(key, [])]
+
+    def cancel(self, rid: int):
+        """Take a parked request out (its request object), or None."""
+        for key, parked in self._waiting.items():
+            for i, (r, req) in enumerate(parked):
+                if r == rid:
+                    del parked[i]
+                    if not parked:
+                        del self._waiting[key]
+                    return req
+        return None
+
+    def parked(self) -> list:
+        return [req for parked in self._waiting.values() for _, req in parked]
+
+    def __len__(self) -> int:
+        return sum(len(parked) for parked in self._waiting.values())
 
 
 def copy_cache(cache: list) -> list:

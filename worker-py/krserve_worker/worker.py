@@ -4,7 +4,8 @@ Threads:
 
 - The main thread owns MLX: ``mlx_lm.load``, the ``BatchGenerator`` and every
   ``insert``/``next``/``remove``. A request that arrives when nothing else runs
-  (and whose prompt fits one prefill step) is decoded with ``generate_step``
+  (and whose prompt, less what the cache holds, is at most ``FAST_PATH_PREFILL``
+  tokens and one prefill step) is decoded with ``generate_step``
   instead, stream_generate's loop: a batch of one pays the batch's per-step
   work. Requests that arrive meanwhile go to the ``BatchGenerator`` and both
   advance one token per loop until the lone one ends
@@ -51,7 +52,7 @@ import time
 from . import __version__, blas, faults, grammar, protocol, tools
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
-from .prompt_cache import (PromptCache, copy_cache, default_budget, prefill,
+from .prompt_cache import (Followers, PromptCache, copy_cache, default_budget, prefill,
                            prompt_checkpoints_needed, system_end, with_prefix)
 from .protocol import ProtocolError
 from .textstream import TextStream
@@ -74,8 +75,10 @@ def parse_args(argv):
                     help="sequences decoded together (BatchGenerator completion_batch_size)")
     ap.add_argument("--prefill-batch", type=int, default=8,
                     help="prompts prefilled together (prefill_batch_size)")
-    ap.add_argument("--prefill-step", type=int, default=512,
-                    help="prompt tokens per prefill step; smaller keeps cancel responsive")
+    ap.add_argument("--prefill-step", type=int, default=None,
+                    help="prompt tokens per sequence per prefill step (default: 2048 on a "
+                         "GPU, as mlx_lm.server; 512 on the CPU); smaller keeps cancel "
+                         "and the running streams responsive, larger takes fewer steps")
     ap.add_argument("--no-single-fast-path", dest="single_fast_path", action="store_false",
                     help="decode a request that runs alone with BatchGenerator too "
                          "(default: with mlx-lm's generate_step, as stream_generate does)")
@@ -92,13 +95,30 @@ def parse_args(argv):
     ranks.add_args(ap)
     args = ap.parse_args(argv)
     for name in ("max_batch", "prefill_batch", "prefill_step"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.prompt_cache_bytes is None:
         args.prompt_cache_bytes = default_budget(_physical_memory())
     elif args.prompt_cache_bytes < 0:
         ap.error("--prompt-cache-bytes must be >= 0")
     return args
+
+
+# --prefill-step's defaults. On a GPU a prefill step costs more than its
+# tokens: every step's attention has shapes not seen before once the prompt
+# cache is on (cached lengths vary), and on CUDA each new shape builds a cuDNN
+# graph; 2048 is mlx_lm.server's step, so a cached turn is one step there too.
+# On the CPU prefill runs at a few hundred tokens/s: a step of B long prompts
+# would stall every running stream (and a cancel) for minutes.
+PREFILL_STEP_GPU = 2048
+PREFILL_STEP_CPU = 512
+# The fast path prefills synchronously and decodes beside the batch: only for
+# a short rest (what the cache does not hold), whatever the step.
+FAST_PATH_PREFILL = 512
+
+
+def default_prefill_step(on_cpu: bool) -> int:
+    return PREFILL_STEP_CPU if on_cpu else PREFILL_STEP_GPU
 
 
 def _physical_memory() -> int:
@@ -429,6 +449,14 @@ class Request:
             self.carry = ("", [])
         return content, calls
 
+    def system_key(self):
+        """Its system prompt's tokens when it will store a checkpoint there
+        (the cache did not hold it), else None: what new conversations of a
+        burst share (``Followers``)."""
+        if self.cached < self.system_end < len(self.tokens) - 1:
+            return tuple(self.tokens[:self.system_end])
+        return None
+
     def checkpoints(self, prompt_end: bool) -> list[tuple[int, str]]:
         """Where to store the KV state while prefilling, after what the cache
         gave: the end of the system prompt, and with ``prompt_end`` the end of
@@ -491,6 +519,8 @@ class Worker:
         self.reqs: dict[int, Request] = {}  # id -> running request (generator or fast path)
         self.by_uid: dict[int, Request] = {}
         self.pending: list[Request] = []  # validated, not yet inserted
+        # Pending requests waiting for another's system prompt checkpoint.
+        self.followers = Followers()
         self.noise = os.environ.get("KRSERVE_WORKER_NOISE") == "1"
         self.faults = faults
         self._libc = None
@@ -501,7 +531,7 @@ class Worker:
 
     def publish(self):
         s = self.shared
-        s.active = len(self.reqs) + len(self.pending)
+        s.active = len(self.reqs) + len(self.pending) + len(self.followers)
         s.mem_active = int(self.mx.get_active_memory())
         s.mem_peak = int(self.mx.get_peak_memory())
         s.cache = self.pc.nbytes
@@ -534,6 +564,7 @@ class Worker:
             self.by_uid.pop(req.uid, None)
         if saved is not None and saved[0] and len(saved[1]) > req.cached:
             self.pc.store(list(saved[1]), saved[0], "assistant", self.active_bytes())
+        self.release(req.p.id)  # a leader that ended before its checkpoint
 
     # -- messages --
 
@@ -541,7 +572,7 @@ class Worker:
         t = msg["t"]
         rid = msg["id"]
         if t == "gen":
-            if rid in self.reqs or any(r.p.id == rid for r in self.pending):
+            if rid in self.reqs or any(r.p.id == rid for r in self.pending + self.followers.parked()):
                 raise ProtocolError(f"gen for id {rid}, which is already running")
             self.on_gen(msg, out)
         elif t == "cancel":
@@ -609,25 +640,53 @@ class Worker:
             if r.p.id == rid:
                 del self.pending[i]
                 out.append(protocol.done(rid, "cancelled", r.ptoks, 0))
+                self.release(rid)
                 return
+        parked = self.followers.cancel(rid)
+        if parked is not None:
+            out.append(protocol.done(rid, "cancelled", parked.ptoks, 0))
+            return
         req = self.reqs.get(rid)
         if req is None:
             return  # unknown or already finished: not an error
         self.finish(req, remove=True)
         out.append(protocol.done(rid, "cancelled", req.ptoks, req.ctoks, cached=req.cached))
 
+    def release(self, rid: int) -> None:
+        """Leader ``rid`` stored its system checkpoint or left: its followers
+        are fetched again (now a hit) and inserted with the next batch."""
+        for r in self.followers.release(rid):
+            r.cache, r.cached = None, 0
+            self.pending.append(r)
+
     def insert_pending(self, out):
         if not self.pending:
             return
+        go, parked = [], {}
         for r in self.pending:
-            if r.fault:
-                r.fault.on_start()
             if r.cache is None and not r.cached:
                 r.cache, r.cached = self.pc.fetch(r.tokens)
-        if (self.single_fast_path and not self.reqs and len(self.pending) == 1
-                and len(self.pending[0].tokens) - self.pending[0].cached <= self.prefill_step):
-            # Alone, and what is left to prefill fits one step anyway (a longer
-            # one goes to the generator, whose chunked prefill can be cancelled).
+            key = r.system_key() if self.pc.enabled else None
+            if key is not None and not self.followers.admit(key, r.p.id):
+                # Another new conversation is prefilling this system prompt:
+                # wait for its checkpoint rather than prefill it again.
+                r.cache, r.cached = None, 0
+                parked.setdefault(self.followers.park(key, r.p.id, r), []).append(r.p.id)
+            else:
+                if r.fault:
+                    r.fault.on_start()
+                go.append(r)
+        self.pending = go
+        for leader, ids in parked.items():
+            log(f"ids {ids} wait for the system prompt of id {leader}")
+        if not go:
+            return
+        if (self.single_fast_path and not self.reqs and len(go) == 1 and not self.followers
+                and len(go[0].tokens) - go[0].cached <= min(self.prefill_step, FAST_PATH_PREFILL)):
+            # Alone (nobody waiting for it either), and what is left to prefill
+            # is short and fits one step (a longer one goes to the generator,
+            # whose chunked prefill can be cancelled and which later arrivals
+            # join).
             self.start_fast(self.pending.pop())
         else:
             self.insert_batch(out)
@@ -646,6 +705,8 @@ class Worker:
             prefill(self.model, cache, toks, pos, stop, self.prefill_step)
             pos = stop
             self.pc.store(toks[:stop], copy_cache(cache), kind, self.active_bytes())
+            if kind == "system":
+                self.release(r.p.id)
         # generate_step shows logits processors only the tokens it is given:
         # they see the prefix the cache and the checkpoints took too.
         processors = [with_prefix(f, toks[:pos]) for f in r.processors] if pos else r.processors
@@ -682,6 +743,7 @@ class Worker:
             log(f"insert failed: {e!r}")
             for r in batch:
                 out.append(protocol.error(r.p.id, "internal", f"insert failed: {e}"))
+                self.release(r.p.id)
             return
         cached = [r.cached for r in batch]
         log(f"inserted {len(batch)} request(s): ids {[r.p.id for r in batch]}"
@@ -736,7 +798,11 @@ class Worker:
         if not uids:
             return
         for uid, (cache, tokens) in self.gen.extract_cache(uids).items():
-            self.pc.store(list(tokens), cache, self.by_uid[uid].kinds.pop(0), self.active_bytes())
+            req = self.by_uid[uid]
+            kind = req.kinds.pop(0)
+            self.pc.store(list(tokens), cache, kind, self.active_bytes())
+            if kind == "system":
+                self.release(req.p.id)
 
     def token_text(self, i: int) -> str:
         s = self.tok_cache.get(i)
@@ -851,13 +917,14 @@ class Worker:
         while True:
             if self.timing:
                 t_loop = time.perf_counter()
-            idle = not self.reqs and not self.pending
+            idle = not self.reqs and not self.pending and not self.followers
             items = self.take(idle)
             out = []
             for item in items:
                 if item[0] == "exit":
                     _, code, why = item
-                    log(f"exiting ({why}), cancelling {len(self.reqs) + len(self.pending)} request(s)")
+                    log(f"exiting ({why}), cancelling "
+                        f"{len(self.reqs) + len(self.pending) + len(self.followers)} request(s)")
                     self.writer.close()
                     if self.by_uid:
                         self.gen.remove(list(self.by_uid))
@@ -940,6 +1007,8 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         model, tokenizer, config = group.load(args.model) if group else load(args.model, return_config=True)
         vocab, ctx = _model_info(model, tokenizer, config)
         on_cpu = mx.default_device().type == mx.cpu
+        if args.prefill_step is None:
+            args.prefill_step = default_prefill_step(on_cpu)
         weights = dequantize_for_cpu(model, args.dequantize, on_cpu=on_cpu,
                                      fast_blas=blas_info.startswith("OpenBLAS"))
     except Exception as e:
@@ -947,7 +1016,7 @@ def main(argv, proto_in: int, proto_out: int) -> int:
                      EXIT_LOAD)
     log(f"loaded {args.model} in {time.monotonic() - t0:.2f}s: vocab {vocab}, ctx {ctx}, "
         f"eos {sorted(tokenizer.eos_token_ids)}; {mx.default_device()}, BLAS: {blas_info}; "
-        f"weights: {weights}")
+        f"weights: {weights}; prefill step {args.prefill_step}")
 
     try:
         injected = faults.Faults.from_env(os.environ, tokenizer)
