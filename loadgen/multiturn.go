@@ -24,11 +24,19 @@ import (
 // offline from Seed: the same seed gives the same conversations. At most
 // Concurrency conversations are in flight (each sends its turns one after
 // another); the chat endpoint, greedy unless Temperature is set.
+//
+// ThinkTime, when set, is a user's pause between a reply and the next turn:
+// uniform in [0, 2·ThinkTime), drawn from Seed per conversation and turn
+// (thinkTimes). Without it each conversation's next turn follows its reply at
+// once, so it reaches the server just as the worker that served the previous
+// turn frees a slot: least-loaded routing then keeps conversations on their
+// worker by accident, which real users, who read and type, do not give it.
 type MultiTurnConfig struct {
 	Config
 	Conversations, Turns                int
 	SystemWords, PrefixWords, UserWords int
 	Seed                                uint64
+	ThinkTime                           time.Duration
 }
 
 // TurnRecord is one request of a multi-turn run.
@@ -75,6 +83,7 @@ type MultiTurnInfo struct {
 	MaxTokens     int     `json:"max_tokens"`
 	Temperature   float64 `json:"temperature"`
 	Seed          uint64  `json:"seed"`
+	ThinkTimeMS   float64 `json:"think_time_ms,omitempty"`
 }
 
 // MultiTurnSchema names the JSON layout of MultiTurnResult.
@@ -116,6 +125,24 @@ func conversations(cfg *MultiTurnConfig) (system string, prefixes []string, user
 	return system, prefixes, users
 }
 
+// thinkTimes gives each conversation's pause before each of its turns
+// (none before the first): uniform in [0, 2·mean), from seed alone, so runs
+// of the same seed pause alike whatever the server does.
+func thinkTimes(seed uint64, convs, turns int, mean time.Duration) [][]time.Duration {
+	out := make([][]time.Duration, convs)
+	if mean <= 0 {
+		return out
+	}
+	rng := rand.New(rand.NewPCG(seed, 0x7468696e6b696e67))
+	for c := range out {
+		out[c] = make([]time.Duration, turns)
+		for t := 1; t < turns; t++ {
+			out[c][t] = time.Duration(rng.Int64N(int64(2 * mean)))
+		}
+	}
+	return out
+}
+
 // RunMultiTurn runs the multi-turn scenario. A failed turn ends its
 // conversation (the next turn would need its reply).
 func RunMultiTurn(ctx context.Context, cfg MultiTurnConfig) (*MultiTurnResult, error) {
@@ -141,11 +168,13 @@ func RunMultiTurn(ctx context.Context, cfg MultiTurnConfig) (*MultiTurnResult, e
 	}
 	endpoint := endpointURL(cfg.URL, true)
 	system, prefixes, users := conversations(&cfg)
+	think := thinkTimes(cfg.Seed, cfg.Conversations, cfg.Turns, cfg.ThinkTime)
 
 	res := &MultiTurnResult{Schema: MultiTurnSchema, Config: MultiTurnInfo{
 		URL: cfg.URL, Model: cfg.Model, Conversations: cfg.Conversations, Turns: cfg.Turns,
 		Concurrency: cfg.Concurrency, Words: [3]int{cfg.SystemWords, cfg.PrefixWords, cfg.UserWords},
 		MaxTokens: cfg.MaxTokens, Temperature: cfg.Temperature, Seed: cfg.Seed,
+		ThinkTimeMS: ms(cfg.ThinkTime),
 	}}
 	recs := make([][]TurnRecord, cfg.Conversations)
 	start := cfg.now()
@@ -160,6 +189,9 @@ func RunMultiTurn(ctx context.Context, cfg MultiTurnConfig) (*MultiTurnResult, e
 			for c := range jobs {
 				msgs := []map[string]string{{"role": "system", "content": system}}
 				for t := range cfg.Turns {
+					if think[c] != nil && think[c][t] > 0 && !pause(ctx, think[c][t]) {
+						break
+					}
 					content := users[c][t]
 					if t == 0 {
 						content = prefixes[c] + "\n\n" + content
@@ -194,6 +226,18 @@ dispatch:
 	}
 	res.finalize(cfg.Turns)
 	return res, ctx.Err()
+}
+
+// pause waits d, or until ctx ends (false).
+func pause(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 func (r *MultiTurnResult) finalize(turns int) {
@@ -234,6 +278,9 @@ func (r *MultiTurnResult) WriteTable(w io.Writer) {
 	c := r.Config
 	fmt.Fprintf(w, "multi-turn: %d conversations x %d turns, %d at once, words system/prefix/user %d/%d/%d, max_tokens %d, seed %d\n",
 		c.Conversations, c.Turns, c.Concurrency, c.Words[0], c.Words[1], c.Words[2], c.MaxTokens, c.Seed)
+	if c.ThinkTimeMS > 0 {
+		fmt.Fprintf(w, "think time: mean %.0f ms before each next turn\n", c.ThinkTimeMS)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "turn\trequests\terrors\tTTFT P50 ms\tTTFT P90 ms\tprompt tok\tcached tok\tcached/prompt\tcached/prev turn\t")
 	for _, t := range r.Turns {

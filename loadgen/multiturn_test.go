@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 func TestConversationsAreSeeded(t *testing.T) {
@@ -27,6 +28,37 @@ func TestConversationsAreSeeded(t *testing.T) {
 	cfg.Seed = 8
 	if s3, _, _ := conversations(&cfg); s3 == s1 {
 		t.Error("another seed, the same system prompt")
+	}
+}
+
+// TestThinkTimes: pauses come from the seed alone, none before a first turn,
+// each in [0, 2·mean), and they differ between conversations and turns.
+func TestThinkTimes(t *testing.T) {
+	mean := 500 * time.Millisecond
+	a, b := thinkTimes(3, 4, 5, mean), thinkTimes(3, 4, 5, mean)
+	if fmt.Sprint(a) != fmt.Sprint(b) {
+		t.Fatal("same seed, different pauses")
+	}
+	if fmt.Sprint(a) == fmt.Sprint(thinkTimes(4, 4, 5, mean)) {
+		t.Error("another seed, the same pauses")
+	}
+	seen := map[time.Duration]bool{}
+	for c, ts := range a {
+		if ts[0] != 0 {
+			t.Errorf("conversation %d pauses %s before its first turn", c, ts[0])
+		}
+		for _, d := range ts[1:] {
+			if d < 0 || d >= 2*mean {
+				t.Errorf("pause %s outside [0, %s)", d, 2*mean)
+			}
+			seen[d] = true
+		}
+	}
+	if len(seen) < 12 {
+		t.Errorf("%d distinct pauses in 16, want them drawn apart", len(seen))
+	}
+	if got := thinkTimes(3, 4, 5, 0); got[0] != nil {
+		t.Error("no think time, yet pauses")
 	}
 }
 

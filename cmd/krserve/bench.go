@@ -25,7 +25,7 @@ type benchFlags struct {
 	concurrency, requests, maxTokens, seed, warmup      int
 	temperature                                         float64
 	completions, ignoreEOS, noProgress                  bool
-	timeout                                             time.Duration
+	timeout, thinkTime                                  time.Duration
 }
 
 func newBenchCmd() *cobra.Command {
@@ -54,7 +54,10 @@ loads a saved run instead of sending load (e.g. to compare two files).
 (default 0): a shared system prompt of --system-words words, a per-conversation
 prefix of --prefix-words words in the first message, user turns of --user-words
 words, each model reply fed back into the next turn; --concurrency conversations
-at once. It prints TTFT P50/P90, prompt tokens and cached tokens
+at once. --think-time D pauses each conversation before its next turn for a
+seeded random time in [0, 2D), as a user reading and typing would (without it a
+conversation's next turn arrives as its worker frees a slot, which keeps
+conversations on their worker under any routing). It prints TTFT P50/P90, prompt tokens and cached tokens
 (usage.prompt_tokens_details.cached_tokens) per turn number.`,
 		Example: `  krserve bench --scenario multi-turn --conversations 8 --turns 4 --concurrency 4 --max-tokens 48
   krserve bench --url http://127.0.0.1:8080 --concurrency 1 --requests 50 --max-tokens 50 \
@@ -89,6 +92,7 @@ at once. It prints TTFT P50/P90, prompt tokens and cached tokens
 	f.IntVar(&b.turns, "turns", 8, "multi-turn: turns per conversation")
 	f.IntVar(&b.systemWords, "system-words", 750, "multi-turn: words of the shared system prompt (~1,000 tokens)")
 	f.IntVar(&b.prefixWords, "prefix-words", 200, "multi-turn: words of each conversation's own prefix")
+	f.DurationVar(&b.thinkTime, "think-time", 0, "multi-turn: mean pause before each next turn, uniform in [0, 2×this) from --seed (0: none)")
 	f.IntVar(&b.userWords, "user-words", 75, "multi-turn: words per user turn (~100 tokens)")
 	return cmd
 }
@@ -224,13 +228,16 @@ func runMultiTurn(ctx context.Context, b benchFlags, stdout, stderr io.Writer) e
 	if b.conversations < 1 || b.turns < 1 || b.concurrency < 1 || b.maxTokens < 1 || b.userWords < 1 || b.systemWords < 0 || b.prefixWords < 0 {
 		return errors.New("bench: --conversations, --turns, --concurrency, --max-tokens and --user-words must be >= 1")
 	}
+	if b.thinkTime < 0 {
+		return fmt.Errorf("bench: --think-time must be at least 0; got %s", b.thinkTime)
+	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	cfg := loadgen.MultiTurnConfig{
 		Config: loadgen.Config{URL: b.url, Model: b.model, Concurrency: b.concurrency, MaxTokens: b.maxTokens,
 			Temperature: b.temperature, Timeout: b.timeout, IgnoreEOS: b.ignoreEOS},
 		Conversations: b.conversations, Turns: b.turns, SystemWords: b.systemWords, PrefixWords: b.prefixWords,
-		UserWords: b.userWords, Seed: uint64(b.seed),
+		UserWords: b.userWords, Seed: uint64(b.seed), ThinkTime: b.thinkTime,
 	}
 	if !b.noProgress {
 		cfg.Progress = stderr
