@@ -39,6 +39,8 @@ import pytest
 from _server import Server, krserve_bin, pid_alive, tiny_model
 from test_group import PROMPTS, N, body, ranks, resumed_total, stream
 
+WORKER_PY = Path(__file__).resolve().parents[2] / "worker-py"
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -95,8 +97,12 @@ class FakeHosts:
         self.port = free_port_run(3 * 8)  # a block of 3 per group start, several restarts
 
     def env(self) -> dict:
+        # PYTHONPATH is set (the worker package's directory, harmless beside an
+        # editable install) so the test can see it travel to the remote login,
+        # which does not have it.
+        pythonpath = os.pathsep.join(p for p in (str(WORKER_PY), os.environ.get("PYTHONPATH", "")) if p)
         return {"PATH": f"{self.dir / 'bin'}:{os.environ['PATH']}", "FAKESSH_LOG": str(self.log),
-                "FAKESSH_TAG": self.tag, "FAKESSH_BANNER": "Welcome to hostX\n"}
+                "FAKESSH_TAG": self.tag, "FAKESSH_BANNER": "Welcome to hostX\n", "PYTHONPATH": pythonpath}
 
     def args(self, *more: str) -> list[str]:
         return ["--hostfile", str(self.hostfile), "--ring-port", str(self.port), "--ssh", "ssh -o ServerAliveInterval=5", *more]
@@ -186,7 +192,7 @@ def test_ssh_command_line(group, remote, model_dir):
         assert env["MLX_RANK"] == str(rank)
         assert env["KRSERVE_GROUP_ADDR"] == f"127.0.0.1:{base + 2}"
         assert env["KRSERVE_RING_HOSTS"] == ring
-        assert env["PYTHONPATH"] == os.environ["PYTHONPATH"]  # the fake remote login does not have it: it must travel
+        assert env["PYTHONPATH"] == remote.env()["PYTHONPATH"]  # the fake remote login does not have it: it must travel
         for local in ("PATH", "HOME", "USER", "TMPDIR", "KRSERVE_GROUP_TOKEN"):
             assert local not in env, local
         j = wrapper.index("--")
@@ -228,9 +234,10 @@ def test_kill_remote_follower_mid_stream(group, remote, want):
     assert [r["host"] for r in new] == ["hostA", "hostB"]
     # The old group is gone on both sides of ssh: its ssh processes, wrappers and workers.
     assert wait_for(lambda: not [p for p in behind + ssh_pids if pid_alive(p)], 15, "the old group's processes gone")
-    log = group.log()
-    assert "rank 1 of 2 (on hostB, over ssh) exited with status 137" in log, log[-3000:]
-    assert "was killed by SIGKILL" in log
+    # The server's output is read by a thread of the test's: wait for the lines.
+    assert wait_for(lambda: "rank 1 of 2 (on hostB, over ssh) exited with status 137" in group.log(), 15,
+                    "the log names the remote rank's exit"), group.log()[-3000:]
+    assert "was killed by SIGKILL" in group.log()
     _, st = group.get("/stats")
     assert st["workers"][0]["last_exit"]["reason"] == "crash"
     # The restarted group took the next block of ports.
