@@ -25,7 +25,9 @@ The prompt cache (``prompt_cache.py``): before a request is prefilled, the
 nearest cached KV state of its prompt is fetched and only the rest is
 prefilled, on the fast path and in the batch alike; the end of a chat's system
 prompt, the end of each prompt and each finished (or cancelled) sequence are
-stored back.
+stored back. New conversations that share a system prompt the cache lacks
+wait for the first one's checkpoint there, so a burst prefills it once
+(``Followers``).
 
 Both threads write through one ``FrameWriter`` (a lock and an ``os.write``
 loop); frames produced in one step are written as one buffer.
