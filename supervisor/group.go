@@ -258,14 +258,22 @@ func (g *Group) join() {
 var errPeerDied = errors.New("killed with its group")
 
 // groupExit is the exit that stands for the group: the rank that ended on
-// its own first, else the leader's (the supervisor's Kill or Stop).
+// its own first (or the one blame picks instead), else the leader's (the
+// supervisor's Kill or Stop).
 func (g *Group) groupExit() *Exit {
 	r := 0
 	if g.first >= 0 {
-		r = g.first
+		exits := make([]*Exit, len(g.ranks))
+		for q, p := range g.ranks {
+			exits[q] = p.Exit()
+		}
+		r = blame(g.first, exits)
 	}
 	e := *g.ranks[r].Exit()
 	e.Rank, e.GroupSize = r, len(g.ranks)
+	if r != g.first && errors.Is(e.Err, errPeerDied) {
+		e.Err = nil // it had died before the group's kill reached it
+	}
 	if g.first < 0 {
 		// The leader may have exited cleanly (a recycle, a shutdown) while a
 		// follower needed its SIGKILL: the leader speaks for the group.
@@ -275,6 +283,48 @@ func (g *Group) groupExit() *Exit {
 		e.Err = errors.New("a follower exited on its own")
 	}
 	return &e
+}
+
+// blame picks the rank whose exit explains a group's end. The first rank to
+// end is usually the cause, but not when it only exited because a peer
+// vanished (mlx's ring: "connection to a peer was lost") and the killed peer's
+// exit arrives a moment later: a rank over ssh reports its worker's death
+// through ssh's exit status, after the leader has already seen the broken
+// link. So a first exit with an ordinary error status yields to a rank that
+// was killed by a signal nobody in the group sent: a remote rank whose status
+// is 128+N (the wrapper's report of signal N; the group's own kill of ssh is a
+// local signal, not a status) or whose wrapper reported that signal on stderr
+// before the group's kill of its ssh overtook the status, or a local rank
+// signalled before the group killed it. exits[first] is the first rank's
+// exit; every exit is final.
+func blame(first int, exits []*Exit) int {
+	f := exits[first]
+	if f.Signal != 0 || f.Code == 0 || f.Code > 128 {
+		return first // killed, clean, or a signal's status: it is the cause
+	}
+	for q, e := range exits {
+		if q == first || e == nil {
+			continue
+		}
+		remoteSignal := e.Host != "" && (e.Signal == 0 && e.Code > 128 || wrapperSawSignal(e))
+		localSignal := e.Host == "" && e.Signal != 0 && !errors.Is(e.Err, errPeerDied)
+		if remoteSignal || localSignal {
+			return q
+		}
+	}
+	return first
+}
+
+// wrapperSawSignal: a remote rank's wrapper (krserve_worker.remote) wrote
+// that its worker was killed by a signal. Once the group has killed the ssh
+// session nothing more arrives from that host, so the line came first.
+func wrapperSawSignal(e *Exit) bool {
+	for _, l := range e.Stderr {
+		if strings.Contains(l, "krserve-remote: ") && strings.Contains(l, " was killed by SIG") {
+			return true
+		}
+	}
+	return false
 }
 
 // Ranks is how many processes the group has.

@@ -271,3 +271,42 @@ func TestPoolGroupStartFailureNamesTheRank(t *testing.T) {
 		t.Fatal("no start failure")
 	}
 }
+
+// TestBlame: the rank that stands for a group's end (a table: exits as the
+// group's join sees them once every rank is reaped).
+func TestBlame(t *testing.T) {
+	peerLost := func() *Exit {
+		return &Exit{Code: 1, Signal: 0, Stderr: []string{"RuntimeError: [ring] connection to a peer was lost"}}
+	}
+	groupKilled := func(host string) *Exit {
+		return &Exit{Code: -1, Signal: syscall.SIGKILL, Host: host, Intended: true, Err: fmt.Errorf("%w: rank 0 exited", errPeerDied)}
+	}
+	for _, tc := range []struct {
+		name  string
+		first int
+		exits []*Exit
+		want  int
+	}{
+		{"remote follower killed, leader saw the lost link first", 0,
+			[]*Exit{peerLost(), {Code: 137, Host: "hostB", Err: fmt.Errorf("%w: rank 0 exited", errPeerDied)}}, 1},
+		{"local follower killed from outside, leader first", 0,
+			[]*Exit{peerLost(), {Code: -1, Signal: syscall.SIGKILL}}, 1},
+		{"leader crashed on its own: followers the group killed are not blamed", 0,
+			[]*Exit{{Code: 1, Stderr: []string{"ValueError: boom"}}, groupKilled("hostB"), groupKilled("")}, 0},
+		{"the first was signalled: it is the cause", 1,
+			[]*Exit{{Code: 137, Host: "hostA"}, {Code: -1, Signal: syscall.SIGSEGV}}, 1},
+		{"a remote first with a signal's status", 1,
+			[]*Exit{{Code: 1}, {Code: 137, Host: "hostB"}}, 1},
+		{"a clean first exit stays", 1,
+			[]*Exit{{Code: -1, Signal: syscall.SIGKILL}, {Code: 0}}, 1},
+		{"remote follower killed; the group's kill of its ssh came before the status", 0,
+			[]*Exit{peerLost(), {Code: -1, Signal: syscall.SIGKILL, Host: "hostB", Err: fmt.Errorf("%w: rank 0 exited", errPeerDied),
+				Stderr: []string{"krserve-remote: rank 1 on vm: worker pid 31907 was killed by SIGKILL"}}}, 1},
+		{"remote rank the group killed (ssh signalled here) is not blamed", 0,
+			[]*Exit{peerLost(), groupKilled("hostB")}, 0},
+	} {
+		if got := blame(tc.first, tc.exits); got != tc.want {
+			t.Errorf("%s: blame = rank %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
