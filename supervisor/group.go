@@ -236,6 +236,16 @@ func (g *Group) join() {
 		g.first = r
 	}
 	g.mu.Unlock()
+	if !killing && g.mayBeConsequence(r) {
+		// A rank that exited with an ordinary error may only have seen a
+		// peer vanish; a remote peer's own report (its status, its wrapper's
+		// stderr) comes through ssh a moment later. Give it peerGrace before
+		// the group's kill would overwrite it (blame reads it).
+		select {
+		case <-ended:
+		case <-time.After(peerGrace):
+		}
+	}
 	if !killing {
 		why := fmt.Errorf("%w: rank %d %s", errPeerDied, r, g.ranks[r].Exit())
 		for q, p := range g.ranks {
@@ -252,6 +262,25 @@ func (g *Group) join() {
 	g.exit = g.groupExit()
 	g.cleanup()
 	close(g.done)
+}
+
+// peerGrace is how long a group waits, after a rank's ordinary error exit,
+// for a remote rank to report its own death before killing it.
+const peerGrace = 500 * time.Millisecond
+
+// mayBeConsequence: rank r's exit (an ordinary error status) may be the
+// effect of a remote peer's death whose report is still on its way.
+func (g *Group) mayBeConsequence(r int) bool {
+	e := g.ranks[r].Exit()
+	if e == nil || e.Signal != 0 || e.Code <= 0 || e.Code > 128 {
+		return false
+	}
+	for q, host := range g.where {
+		if q != r && host != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // errPeerDied marks the ranks the group killed because another one died.
