@@ -17,9 +17,15 @@ import (
 // the followers waiting to be killed (see runFake).
 func startFakeGroup(t *testing.T, size int, spec string) (*Group, chan *ipc.Message, chan string) {
 	t.Helper()
+	return startFakeGroupOn(t, size, nil, spec)
+}
+
+// startFakeGroupOn is startFakeGroup with the ranks on hosts (nil: here).
+func startFakeGroupOn(t *testing.T, size int, hosts *Hosts, spec string) (*Group, chan *ipc.Message, chan string) {
+	t.Helper()
 	frames := make(chan *ipc.Message, 64)
 	fatals := make(chan string, 8)
-	g, err := StartGroup(0, size, nil, fakeCommand(t, spec), testLog(), func(m *ipc.Message) error {
+	g, err := StartGroup(0, size, hosts, fakeCommand(t, spec), testLog(), func(m *ipc.Message) error {
 		c := *m
 		frames <- &c
 		return nil

@@ -15,8 +15,6 @@ import (
 	"time"
 
 	"github.com/kballard/go-shellquote"
-
-	"github.com/krserve/krserve/ipc"
 )
 
 func TestHostLocal(t *testing.T) {
@@ -220,15 +218,7 @@ func TestGroupOnLocalHosts(t *testing.T) {
 	}
 	hs := &Hosts{Hosts: []Host{{SSH: "127.0.0.1", IPs: []string{"127.0.0.1"}}, {SSH: "localhost", IPs: []string{"127.0.0.1"}}},
 		Env: []string{"MLX_METAL_FAST_SYNCH=1"}, Ports: ports, Keepalive: time.Millisecond}
-	frames := make(chan *ipc.Message, 64)
-	g, err := StartGroup(0, 2, hs, fakeCommand(t, "ok"), testLog(), func(m *ipc.Message) error {
-		c := *m
-		frames <- &c
-		return nil
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g, frames, _ := startFakeGroupOn(t, 2, hs, "ok")
 	waitHello(t, frames)
 	b, err := os.ReadFile(filepath.Join(g.tempDir, "hostfile.json"))
 	if err != nil || string(b) != `[["127.0.0.1:41000"],["127.0.0.1:41001"]]` {
@@ -274,15 +264,7 @@ func TestGroupWithARemoteRank(t *testing.T) {
 	hs := &Hosts{Hosts: []Host{{SSH: "127.0.0.1", IPs: []string{"10.9.0.1"}}, {SSH: "mac2", IPs: []string{"10.9.0.2"}}},
 		SSH: []string{exe, "-o", "ConnectTimeout=5"}, SSHEnv: []string{fakeEnv + "=ssh,k=3", "GORACE=atexit_sleep_ms=0", "KRSERVE_FAKE_SSH_LOG=" + log},
 		Python: "/venv/bin/python", Ports: ports, Keepalive: 5 * time.Millisecond, IdleExit: time.Second, Grace: time.Second}
-	frames := make(chan *ipc.Message, 64)
-	g, err := StartGroup(0, 2, hs, fakeCommand(t, "ok"), testLog(), func(m *ipc.Message) error {
-		c := *m
-		frames <- &c
-		return nil
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g, frames, _ := startFakeGroupOn(t, 2, hs, "ok")
 	waitHello(t, frames)
 	e := waitGroup(t, g)
 	if e.Rank != 1 || e.Code != 42 || e.Host != "mac2" || !strings.Contains(e.String(), "rank 1 of 2 (on mac2, over ssh) exited with status 42") {
