@@ -1,10 +1,15 @@
-"""Tool calls streamed in fragments (krserve_worker.tools.CallStream, stream=True).
+"""Tool calls split out of the output (krserve_worker.tools.CallStream).
 
-The texts are what the calls' grammar writes for ``tool_choice`` ``required``
-or a named function (json_tools layout, no flexible whitespace): however the
-text is cut into deltas, the entries assemble to the calls the whole-call path
-gives, arguments byte for byte; fragments never carry the closing markup; a
-resume at any point delivers exactly the rest.
+Streamed calls (stream=True): the texts are what the calls' grammar writes for
+``tool_choice`` ``required`` or a named function (json_tools layout, no
+flexible whitespace): however the text is cut into deltas, the entries
+assemble to the calls the whole-call path gives, arguments byte for byte;
+fragments never carry the closing markup; a resume at any point delivers
+exactly the rest.
+
+Whole calls (``tool_choice`` ``auto``): an end marker inside a JSON string
+does not end the call, however the text is cut and resumed; in a format that
+is not JSON the first marker does.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -97,9 +103,27 @@ def cuts(text, rng):
 
 def expected(text):
     want = [{"name": n, "arguments": a} for n, a in CALLS[text]]
-    if text is not EVENT:  # (the whole-call path ends a call at the first end marker)
-        assert whole(text) == ("", want)
+    assert whole(text) == ("", want)
     return want
+
+
+def resumed(text, k, fmt=tools.FALLBACK, stream=True, end=None):
+    """A worker dies after ``text[:k]`` of the output ``text[:end]``: the
+    first worker's content and entries, then the next worker's, which replays
+    ``text[:k]`` with the scheduler's counts; and the next worker's CallStream."""
+    end = len(text) if end is None else end
+    first = tools.CallStream(fmt, [], stream=stream)
+    c1, e1 = feed(first, [text[i:min(i + 3, k)] for i in range(0, k, 3)], final=False)
+    begun = check_order(e1)
+    sent_args = 0
+    for e in e1:
+        sent_args = (0 if e.get("name") else sent_args) + len(e["arguments"].encode())
+    again = tools.CallStream(fmt, [], skip_bytes=len(c1.encode()), skip_calls=begun,
+                             skip_args=sent_args, stream=stream)
+    c2a, e2a = feed(again, [text[:k]], final=False)  # the replay
+    c2b, e2b = feed(again, [text[i:min(i + 4, end)] for i in range(k, end, 4)])
+    check_order(e2a + e2b, begun)
+    return c1 + c2a + c2b, e1 + e2a + e2b, again
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=IDS)
@@ -158,19 +182,9 @@ def test_resume_at_every_point_delivers_exactly_the_rest(text):
     worker replays the text and sends exactly the rest."""
     want = expected(text)
     for k in range(len(text) + 1):
-        first = tools.CallStream(tools.FALLBACK, [], stream=True)
-        c1, e1 = feed(first, [text[i:i + 3] for i in range(0, k, 3)], final=False)
-        begun = check_order(e1)
-        sent_args = 0
-        for e in e1:
-            sent_args = (0 if e.get("name") else sent_args) + len(e["arguments"].encode())
-        resumed = tools.CallStream(tools.FALLBACK, [], skip_bytes=len(c1.encode()), skip_calls=begun,
-                                   skip_args=sent_args, stream=True)
-        c2a, e2a = feed(resumed, [text[:k]], final=False)  # the replay
-        c2b, e2b = feed(resumed, [text[i:i + 4] for i in range(k, len(text), 4)])
-        check_order(e2a + e2b, begun)
-        assert c1 + c2a + c2b == ""
-        assert assemble(e1 + e2a + e2b) == want, k
+        content, entries, cs = resumed(text, k)
+        assert content == ""
+        assert assemble(entries) == want, k
 
 
 def test_cut_short_ends_the_call_with_what_was_generated():
@@ -192,34 +206,76 @@ def test_cut_short_ends_the_call_with_what_was_generated():
 
 
 def test_an_end_marker_inside_a_string_does_not_end_the_call():
-    _, calls = whole(EVENT)  # the whole-call path cuts at the first marker: content
-    assert calls == []
+    _, calls = whole(EVENT)
     _, entries = feed(tools.CallStream(tools.FALLBACK, [], stream=True), [EVENT])
-    args = json.loads(assemble(entries)[0]["arguments"])
+    assert assemble(entries) == calls
+    args = json.loads(calls[0]["arguments"])
     assert args["notes"] == "a\nb }\n</tool_call> }}" and args["when"]["hours"] == [12, 13.5, -1000.0]
 
 
-def test_auto_mode_keeps_whole_calls():
-    """tool_choice auto: one entry per call, once it is complete and parses;
-    text that looks like a call but does not parse stays content."""
-    text = "Sure.\n" + TWO + "\n<tool_call>\n{not json}\n</tool_call>"
-    cs = tools.CallStream(tools.FALLBACK, [])
-    content, entries = feed(cs, list(text))
-    assert entries == [{"index": 0, "name": "get_weather", "arguments": '{"city":"Paris"}'},
-                       {"index": 1, "name": "get_time", "arguments": "{}"}]
-    assert content == "Sure.\n<tool_call>\n{not json}\n</tool_call>"
+# tool_choice auto: a model's own calls (json.dumps spacing), with end markers
+# inside strings, an escaped quote and an escaped backslash before a marker,
+# text around them.
+NOTE = '<tool_call>\n{"name": "note", "arguments": {"text": "write </tool_call> here"}}\n</tool_call>'
+QUOTES = ('<tool_call>\n{"name": "note", "arguments": {"text": "q\\" </tool_call> \\\\", '
+          '"more": ["</tool_call>", {"x": "}</tool_call>"}]}}\n</tool_call>')
+AUTO = "Let me note it.\n" + NOTE + "\n" + QUOTES + "\nDone </tool_call> then."
+AUTO_CALLS = [{"name": "note", "arguments": '{"text": "write </tool_call> here"}'},
+              {"name": "note", "arguments": '{"text": "q\\" </tool_call> \\\\", "more": ["</tool_call>", {"x": "}</tool_call>"}]}'}]
+AUTO_CONTENT = "Let me note it.\nDone </tool_call> then."
 
 
-def test_arguments_are_the_models_text():
-    """A json_tools call's arguments are kept as written (OpenAI's are the
-    model's text too); another layout is parsed and re-serialized."""
-    assert tools.raw_call('{"name":"f","arguments":{"a":1.50,"b":"\\u00e9"}}') == ("f", '{"a":1.50,"b":"\\u00e9"}')
-    assert tools.raw_call('\n{"name": "f", "arguments": {"a": 1} }\n') == ("f", '{"a": 1}')
-    for not_raw in ['{"arguments":{"a":1},"name":"f"}', '{"name":"f","arguments":"{}"}',
-                    '{"name":"f","arguments":{"a":1},"x":2}', '{"name":"f","arguments":{"a":1}']:
-        assert tools.raw_call(not_raw) is None, not_raw
-    _, calls = whole('<tool_call>\n{"arguments": {"a":1}, "name": "f"}\n</tool_call>')
-    assert calls == [{"name": "f", "arguments": '{"a": 1}'}]
+def test_auto_mode_marker_inside_a_string_every_cut():
+    """The whole-call path reads past an end marker inside a JSON string,
+    however the text is cut into deltas; a marker outside a call is content."""
+    assert json.loads(AUTO_CALLS[1]["arguments"])["text"] == 'q" </tool_call> \\'
+    rng = random.Random(17)
+    for pieces in cuts(AUTO, rng):
+        cs = tools.CallStream(tools.FALLBACK, [])
+        content, entries = feed(cs, pieces)
+        assert content == AUTO_CONTENT, pieces
+        assert [{"name": e["name"], "arguments": e["arguments"]} for e in entries] == AUTO_CALLS, pieces
+        assert [e["index"] for e in entries] == [0, 1]
+
+
+def test_auto_mode_resume_at_every_point():
+    for k in range(len(AUTO) + 1):
+        content, entries, cs = resumed(AUTO, k, stream=False)
+        assert content == AUTO_CONTENT and assemble(entries) == AUTO_CALLS, k
+
+
+def test_auto_mode_text_that_is_not_json_ends_at_the_first_marker():
+    """A JSON-shaped call whose "string" holds a raw newline (JSON escapes
+    them) was not JSON: the first marker ended it, it does not parse and is
+    content, and the text after it goes out before the output ends."""
+    text = ('<tool_call>\n{"name": "note", "arguments": {"text": "oops </tool_call>\n'
+            'The model went on talking here, at some length.')
+    head = text.index("</tool_call>") + len("</tool_call>")
+    for pieces in cuts(text, random.Random(18)):
+        cs = tools.CallStream(tools.FALLBACK, [])
+        content, entries = feed(cs, pieces, final=False)
+        assert entries == [] and content.startswith(text[:head]) and len(content) > head + 20, pieces
+        rest, entries = cs.feed("", final=True)
+        assert content + rest == text and entries == []
+
+
+def _xml_parse(text, tools_=None):
+    """A call format that is not JSON (qwen3_coder's layout)."""
+    m = re.fullmatch(r"\s*<function=(\w+)>\s*<parameter=(\w+)>\n(.*?)\n</parameter>\s*</function>\s*", text, re.S)
+    if m is None:
+        raise ValueError("not a call")
+    return {"name": m.group(1), "arguments": {m.group(2): m.group(3)}}
+
+
+def test_a_format_that_is_not_json_ends_at_the_first_marker():
+    xml = tools.CallFormat(tools.START, tools.END, _xml_parse, native=True)
+    ok = "<tool_call>\n<function=note>\n<parameter=text>\nhi\n</parameter>\n</function>\n</tool_call>"
+    content, entries = feed(tools.CallStream(xml, []), list(ok))
+    assert content == "" and entries == [{"index": 0, "name": "note", "arguments": '{"text": "hi"}'}]
+    marker = ok.replace("hi", "write </tool_call> here")  # the first marker ends it: no call
+    for pieces in cuts(marker, random.Random(19)):
+        content, entries = feed(tools.CallStream(xml, []), pieces)
+        assert entries == [] and content == marker, pieces
 
 
 def _tool(name, props, required):

@@ -308,6 +308,65 @@ def _closing_at(text: str, start: int, end: str) -> int:
     return max(best, start)
 
 
+class _JsonStrings:
+    """Where a call's text is inside a JSON string, scanning the text once as
+    it grows (each character is looked at once).
+
+    Only a body that is JSON-shaped (its first character after whitespace is
+    ``{`` or ``[``) has strings: an end marker inside one of them is part of
+    the arguments, not the call's end. Once the top-level value is closed
+    (``over``), later markers end the call. A raw control character inside a
+    string, such as a newline, means the text was not JSON after all (JSON
+    escapes them): ``broken``, and the first marker of the call ended it, as in
+    a body of another format. So a string that is never closed holds text back
+    only until a newline, the value's end or the output's end."""
+
+    __slots__ = ("pos", "json", "in_str", "esc", "depth", "over", "broken")
+
+    def __init__(self):
+        self.pos = 0  # characters of the body scanned
+        self.json = None  # None: only whitespace so far
+        self.in_str = self.esc = False
+        self.depth = 0
+        self.over = False  # the value closed, or the body is not JSON-shaped or not JSON
+        self.broken = False  # JSON-shaped, but not JSON
+
+    def scan(self, body: str, upto: int) -> None:
+        i = self.pos
+        while i < upto and not self.over:
+            c = body[i]
+            i += 1
+            if self.json is None:
+                if c in _WS:
+                    continue
+                self.json = c in "{["
+                if not self.json:
+                    self.over = True
+                    break
+            if self.in_str:
+                if self.esc:
+                    self.esc = False
+                elif c == "\\":
+                    self.esc = True
+                elif c == '"':
+                    self.in_str = False
+                elif c < " ":
+                    self.over = self.broken = True
+            elif c == '"':
+                self.in_str = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                self.over = self.depth <= 0
+        self.pos = max(self.pos, i)
+
+    def inside(self, body: str, j: int) -> bool:
+        """Whether ``body[j]`` (where an end marker begins) is inside a string."""
+        self.scan(body, j)
+        return not self.over and self.in_str
+
+
 class CallStream:
     """Splits a request's output text into content and tool call entries.
 
@@ -324,16 +383,19 @@ class CallStream:
     returned in one entry; a call that does not parse is passed on as content,
     markers included, so nothing is lost.
 
+    The end marker: in a JSON-shaped call (``{`` or ``[`` after the start
+    marker) a marker inside one of the JSON's strings is part of the text, not
+    the call's end (``_JsonStrings``), whole or streamed; in another format the
+    first marker ends the call.
+
     Streamed calls (``stream`` true: ``required`` or a named function, where
     the grammar makes the text a valid json_tools call as it is produced):
     once a call's name is complete its header entry (name, arguments "") is
     returned, then its arguments text in fragments as it arrives, holding back
     only what may be the call's closing (``_closing_at``). The fragments
-    assemble to ``raw_call``'s arguments, as the whole call would give. An end
-    marker inside a string of the arguments does not end the call (text that
-    does not parse yet cannot be the whole call). A call cut short
-    (``max_tokens``, a stop string) ends with its arguments as far as they
-    were generated.
+    assemble to ``raw_call``'s arguments, as the whole call would give. A call
+    cut short (``max_tokens``, a stop string) ends with its arguments as far
+    as they were generated.
 
     Resume: the first ``skip_bytes`` bytes of content, the first
     ``skip_calls`` calls begun and the first ``skip_args`` bytes of the
@@ -359,6 +421,8 @@ class CallStream:
         self.args_sent = 0
         self.whole = False
         self.end_from = 0  # where to look for its end marker (past one inside a string)
+        self.strings = _JsonStrings()  # of the call under way
+        self.first_end = -1  # its first end marker, when that was inside a string
         self.skip_bytes = skip_bytes
         self.skip_calls = skip_calls
         self.skip_args = skip_args
@@ -413,18 +477,6 @@ class CallStream:
             if got is not None:
                 return [{"name": got[0], "arguments": got[1]}]
         return _calls_of(self.fmt.parse(body, self.tools))
-
-    def _ends_call(self, body: str) -> bool:
-        """Whether an end marker after ``body`` ends the streamed call: the
-        grammar makes the call's text valid, so a marker after text that does
-        not parse yet is inside one of the arguments' strings."""
-        if _NAME.match(body) is None:
-            return True  # not streamed: the first marker ends it, as for whole calls
-        try:
-            self._parse(body)
-        except Exception:
-            return False
-        return True
 
     def _open(self, body: str, calls: list) -> None:
         """Return what is certain of the streamed call under way, whose text
@@ -504,6 +556,10 @@ class CallStream:
             self.begun += 1
             self.n_calls += 1
 
+    def _end_call(self) -> None:
+        self.in_call, self.end_from, self.first_end = False, 0, -1
+        self.strings = _JsonStrings()
+
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         self.buf += text
         content: list[str] = []
@@ -522,19 +578,26 @@ class CallStream:
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
             j = self.buf.find(end, self.end_from) if end else -1
-            if j >= 0 and self.stream and not self._ends_call(self.buf[:j]):
+            if j >= 0 and self.strings.inside(self.buf, j):
+                if self.first_end < 0:
+                    self.first_end = j
                 self.end_from = j + len(end)  # the marker is inside a string of the arguments
                 continue
             if j < 0 and end:  # not in what is here: the next search starts at its last chance
                 self.end_from = max(self.end_from, len(self.buf) - len(end) + 1)
+            if self.first_end >= 0 and not self.stream:  # (the grammar's calls are JSON)
+                if j < 0:  # scan up to the next marker's earliest place
+                    self.strings.scan(self.buf, len(self.buf) if final else self.end_from)
+                if self.strings.broken:  # not JSON: the marker taken to be in a string ended the call
+                    j = self.first_end
             if j >= 0:
                 body, self.buf = self.buf[:j], self.buf[j + len(end):]
-                self.in_call, self.end_from = False, 0
+                self._end_call()
                 self._call(body, True, content, calls)
                 continue
             if final:
                 body, self.buf = self.buf, ""
-                self.in_call, self.end_from = False, 0
+                self._end_call()
                 self._call(body, False, content, calls)  # an unterminated call: parse what there is
             elif self.stream:
                 self._open(self.buf, calls)
