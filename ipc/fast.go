@@ -142,6 +142,7 @@ func appendBody(b []byte, m *Message) []byte {
 		e.b = appendToolCalls(appendStr(e.b, "calls"), m.Calls)
 		e.n++
 	}
+	e.bool("cut_call", m.CutCall)
 	e.str("code", m.Code)
 	e.str("msg", m.Msg)
 	e.int("active", int64(m.Active))
@@ -494,6 +495,8 @@ func (d *decoder) message(m *Message) error {
 			if !d.toolCalls(&m.Calls) {
 				return errGeneric
 			}
+		case "cut_call":
+			m.CutCall = d.bool()
 		case "code":
 			m.Code = d.str()
 		case "msg":

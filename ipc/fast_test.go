@@ -72,7 +72,7 @@ func TestFastVectors(t *testing.T) {
 func TestFastDecodeAllocs(t *testing.T) {
 	vs := loadVectors(t)
 	for name, max := range map[string]float64{"tok": 2, "tok_held": 1, "done": 1, "done_length": 0, "pong": 0, "cancel": 0, "tok_logprobs": 16,
-		"tok_call_frags": 6, "done_call_frag": 2} {
+		"tok_call_frags": 6, "done_call_frag": 2, "done_cut_call": 2} {
 		body := vs[name][4:]
 		var m Message
 		allocs := testing.AllocsPerRun(100, func() {

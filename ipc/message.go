@@ -12,7 +12,8 @@ import (
 // calls are entries of calls in fragments (index; name when the entry begins
 // a call; a piece of its arguments), so a call's arguments can stream as they
 // are generated, and a resume carries the bytes of the last begun call's
-// arguments delivered (sent_args). Version 3: a gen
+// arguments delivered (sent_args); a done may say that the output ended inside
+// a call that is not whole (cut_call, optional). Version 3: a gen
 // may carry a JSON schema to constrain its output (schema), tools for the chat
 // template and a tool choice (tools, tool_choice, tool_name, one_call,
 // sent_calls), chat messages with tool calls and tool results; a tok may carry
@@ -136,6 +137,12 @@ type Message struct {
 
 	// tok, done: tool call entries since the last event (gen with tools)
 	Calls []ToolCall `msgpack:"calls,omitempty"`
+	// done: the output ended inside a tool call that is not whole (a stop
+	// string or max_tokens cut it before its end): the request's finish
+	// reason stays its reason, not tool_calls. Added to version 4 without a
+	// version change: a worker that never sends it gets the behaviour from
+	// before, every call taken as whole.
+	CutCall bool `msgpack:"cut_call,omitempty"`
 
 	// error
 	Code string `msgpack:"code,omitempty"`

@@ -57,6 +57,7 @@ func canonical() []struct {
 		{"done_cached", Message{T: TDone, ID: 14, Reason: "stop", PToks: 1500, CToks: 40, Cached: 1399}},
 		{"done_length", Message{T: TDone, ID: 8, Reason: "length", PToks: 5, CToks: 10}},
 		{"done_call_frag", Message{T: TDone, ID: 16, Reason: "stop", PToks: 120, CToks: 31, Calls: []ToolCall{{Index: 2, Arguments: `UTC"}`}}}},
+		{"done_cut_call", Message{T: TDone, ID: 17, Reason: "stop", PToks: 120, CToks: 9, Calls: []ToolCall{{Arguments: `{"unit":"`}}, CutCall: true}},
 		{"error", Message{T: TError, ID: 7, Code: "invalid", Msg: "top_p must be in [0, 1]"}},
 		{"error_fatal", Message{T: TError, Code: "internal", Msg: "model failed to load"}},
 		{"pong", Message{T: TPong, Seq: 3, Active: 4, MemActive: 123456789, MemPeak: 5000000000, RSS: 300000000,

@@ -44,6 +44,10 @@ def test_constructors_match_vectors():
                                         {"index": 2, "name": "get_time", "arguments": ""},
                                         {"index": 2, "arguments": '{"zone":"'}]) == BY_NAME["tok_call_frags"]
     assert P.done(16, "stop", 120, 31, calls=[{"index": 2, "arguments": 'UTC"}'}]) == BY_NAME["done_call_frag"]
+    # A call cut short (optional in v4: absent means every call is whole).
+    assert P.done(17, "stop", 120, 9, calls=[{"index": 0, "arguments": '{"unit":"'}],
+                  cut_call=True) == BY_NAME["done_cut_call"]
+    assert "cut_call" not in protocol.decode_body(BY_NAME["done_call_frag"][4:])
     assert P.tok(12, [504, 11], "Paris é", lps=[-0.25, -1.5], toks=[" Paris", " é"],
                  top_lps=[[-0.25, -2], [-1.5, -1.75]],
                  top_toks=[[" Paris", " Lyon"], [" é", "\ufffd"]]) == BY_NAME["tok_logprobs"]

@@ -50,6 +50,8 @@ KEY_ORDER = (
     "reason", "ptoks", "ctoks", "cached",
     # tok: tool calls (v3), in fragments (v4)
     "calls",
+    # done: the output ended inside a tool call that is not whole (v4, optional)
+    "cut_call",
     # error
     "code", "msg",
     # pong
@@ -62,7 +64,7 @@ _FLOAT_KEYS = frozenset(
     {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
      "frequency_penalty"}
 )
-_BOOL_KEYS = frozenset({"has_seed", "special", "logprobs", "one_call"})
+_BOOL_KEYS = frozenset({"has_seed", "special", "logprobs", "one_call", "cut_call"})
 _STR_KEYS = frozenset({"t", "model", "text", "reason", "code", "msg", "schema", "tools",
                        "tool_choice", "tool_name"})
 _INT_KEYS = frozenset(
@@ -243,10 +245,13 @@ def tok(id: int, ids: list[int], text: str = "", lps=None, toks=None, top_lps=No
 
 
 def done(id: int, reason: str, ptoks: int, ctoks: int, text: str = "", calls=None,
-         cached: int = 0) -> bytes:
-    """``cached``: of the ``ptoks`` prefilled, how many came from the prompt cache."""
+         cached: int = 0, cut_call: bool = False) -> bytes:
+    """``cached``: of the ``ptoks`` prefilled, how many came from the prompt
+    cache. ``cut_call``: the output ended inside a tool call that is not whole
+    (its finish reason is then not ``tool_calls``)."""
     return encode({"t": "done", "id": id, "reason": reason, "ptoks": ptoks,
-                   "ctoks": ctoks, "cached": cached, "text": text, "calls": calls})
+                   "ctoks": ctoks, "cached": cached, "text": text, "calls": calls,
+                   "cut_call": cut_call})
 
 
 def error(id: int, code: str, msg: str) -> bytes:
