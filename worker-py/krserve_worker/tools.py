@@ -397,6 +397,12 @@ class CallStream:
     cut short (``max_tokens``, a stop string) ends with its arguments as far
     as they were generated.
 
+    ``cut``: the output ended inside a call that is not whole (cut before its
+    end marker, and its text so far is not a complete call: a call reported
+    with its arguments as far as they went, or text passed on as content).
+    The front door then keeps the finish reason (``stop``, ``length``) rather
+    than ``tool_calls``.
+
     Resume: the first ``skip_bytes`` bytes of content, the first
     ``skip_calls`` calls begun and the first ``skip_args`` bytes of the
     arguments of the last of them were delivered by an earlier worker and are
@@ -423,6 +429,7 @@ class CallStream:
         self.end_from = 0  # where to look for its end marker (past one inside a string)
         self.strings = _JsonStrings()  # of the call under way
         self.first_end = -1  # its first end marker, when that was inside a string
+        self.cut = False
         self.skip_bytes = skip_bytes
         self.skip_calls = skip_calls
         self.skip_args = skip_args
@@ -510,11 +517,12 @@ class CallStream:
             self._entry(self.begun - 1, None, body[sent:upto], calls)
             self.args_sent = upto - self.args_at
 
-    def _close(self, body: str, calls: list) -> None:
+    def _close(self, body: str, calls: list) -> bool:
         """End the streamed call whose text is ``body``: the rest of its
-        arguments."""
+        arguments. Returns whether the call is whole (False: cut short)."""
         sent = body[self.args_at:self.args_at + self.args_sent] if self.args_at >= 0 else ""
         got = None if self.whole else raw_call(body)
+        whole = True
         if got is not None:
             args = got[1]
         else:
@@ -526,14 +534,17 @@ class CallStream:
             if args is None or not args.startswith(sent):
                 # Cut short: the arguments as far as they were generated.
                 args = body[self.args_at:] if self.args_at >= 0 else ""
+                whole = False
         self._entry(self.begun - 1, None, args[len(sent):], calls)
         self.n_calls += 1
         self.ws = ""
         self.head, self.args_at, self.args_sent, self.whole = None, -1, 0, False
+        return whole
 
     def _call(self, body: str, closed: bool, out_content: list, calls: list) -> None:
         """A call's text from its start marker to its end marker (``closed``)
-        or to the end of the output."""
+        or to the end of the output (where a call that is not whole was cut
+        short: ``cut``)."""
         text = body
         if not closed:  # the output may end inside the end marker
             for k in range(len(self.fmt.end) - 1, 0, -1):
@@ -543,12 +554,15 @@ class CallStream:
         if self.stream:
             self._open(body, calls)
             if self.head is not None:
-                self._close(body, calls)
+                if not self._close(body, calls) and not closed:
+                    self.cut = True
                 return
         try:
             parsed = self._parse(body)
         except Exception:
             self._content(self.fmt.start + text + (self.fmt.end if closed else ""), out_content)
+            if not closed:
+                self.cut = True
             return
         self.ws = ""  # whitespace before or between calls is not content
         for c in parsed:

@@ -441,6 +441,12 @@ class Request:
         self.calls: tools.CallStream | None = None  # splits tool calls out of the text
         self.carry = ("", [])  # content and calls a resume found undelivered
 
+    @property
+    def cut_call(self) -> bool:
+        """The output ended inside a tool call that is not whole (``done``'s
+        ``cut_call``: the finish reason stays ``stop`` or ``length``)."""
+        return self.calls is not None and self.calls.cut
+
     def output(self, text: str, final: bool = False) -> tuple[str, list]:
         """The content and tool calls of a text delta (after stop strings)."""
         if self.calls is None:
@@ -622,7 +628,7 @@ class Worker:
                 rest, stopped = text.take(final=True)
                 rest, rest_calls = req.output(rest, final=True)
                 out.append(protocol.done(rid, "stop" if stopped else "length", req.ptoks, 0, rest,
-                                         calls=rest_calls))
+                                         calls=rest_calls, cut_call=req.cut_call))
                 return
             if calls is not None:
                 req.carry = calls.feed(text.take()[0])
@@ -849,7 +855,8 @@ class Worker:
             req.text.finalize()
             rest, _ = req.text.take(final=True)
             rest, calls = req.output(rest, final=True)
-            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached))
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached,
+                                     cut_call=req.cut_call))
             self.finish(req, remove=False, final=final)
             return
         req.text.add(token)
@@ -870,14 +877,16 @@ class Worker:
             stopped = True  # parallel_tool_calls false: the first call ends the answer
         if stopped:
             rest, calls = req.output("", final=True)
-            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached))
+            out.append(protocol.done(rid, "stop", req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached,
+                                     cut_call=req.cut_call))
             self.finish(req, remove=finish_reason is None, final=final)
         elif finish_reason is not None:  # "length"
             req.text.finalize()
             rest, stopped = req.text.take(final=True)
             rest, calls = req.output(rest, final=True)
             reason = "stop" if stopped else "length"
-            out.append(protocol.done(rid, reason, req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached))
+            out.append(protocol.done(rid, reason, req.ptoks, req.ctoks, rest, calls=calls, cached=req.cached,
+                                     cut_call=req.cut_call))
             self.finish(req, remove=False, final=final)
 
     def make_noise(self):
