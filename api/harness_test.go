@@ -132,7 +132,8 @@ type workerConfig struct {
 	pace       time.Duration // >0: one token per request per pace
 	hold       chan struct{} // non-nil: no token at all until it is closed
 	onGen      func(m *ipc.Message)
-	ctx        int // the model's context, checked as krserve_worker does (the harness sets it from its hello)
+	cutCall    bool // the done says the output ended inside a tool call that is not whole
+	ctx        int  // the model's context, checked as krserve_worker does (the harness sets it from its hello)
 }
 
 type genState struct {
@@ -423,7 +424,7 @@ func (w *fakeWorker) emit() bool {
 		w.deliver(tok)
 		if finish != "" {
 			w.deliver(&ipc.Message{T: ipc.TDone, ID: id, Reason: finish, PToks: len(st.m.Prompt) + len(st.m.Resume), CToks: st.next - len(st.m.Resume),
-				Cached: fakeCached(&st.m)})
+				Cached: fakeCached(&st.m), CutCall: w.cfg.cutCall})
 		}
 		if crash {
 			w.mu.Lock()

@@ -670,7 +670,7 @@ func (s *Server) serveJSON(ctx context.Context, w http.ResponseWriter, req *sche
 		log.Debug("request done", "request", req.ID, "finish_reason", ev.FinishReason, "completion_tokens", ev.CompletionTokens, "cached_tokens", ev.CachedTokens)
 		u := &usage{PromptTokens: ev.PromptTokens, CompletionTokens: ev.CompletionTokens, TotalTokens: ev.PromptTokens + ev.CompletionTokens,
 			PromptTokensDetails: promptDetails{CachedTokens: ev.CachedTokens}}
-		id, created, reason := s.idFor(j, req), time.Now().Unix(), finishReason(ev.FinishReason, len(calls))
+		id, created, reason := s.idFor(j, req), time.Now().Unix(), finishReason(ev.FinishReason, len(calls), ev.CutCall)
 		for i := range calls {
 			a := args[i].String()
 			calls[i].Function.Arguments = &a
@@ -859,7 +859,7 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 			_ = rc.Flush()
 			return
 		}
-		reason := finishReason(ev.FinishReason, nCalls)
+		reason := finishReason(ev.FinishReason, nCalls, ev.CutCall)
 		write(enc.finish(reason))
 		if j.includeUsage {
 			write(enc.usage(ev.PromptTokens, ev.CompletionTokens, ev.CachedTokens))
@@ -873,9 +873,12 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, req *sc
 }
 
 // finishReason is OpenAI's finish_reason: "tool_calls" when the model ended
-// its turn after calling tools.
-func finishReason(reason string, calls int) string {
-	if reason == "stop" && calls > 0 {
+// its turn after calling tools, every call whole. When the output ended inside
+// a call (cut: a stop string or max_tokens cut it, so its arguments are as far
+// as they were generated and may not parse), the reason stays "stop" or
+// "length": a client must not take a cut call for a whole one.
+func finishReason(reason string, calls int, cut bool) string {
+	if reason == "stop" && calls > 0 && !cut {
 		return "tool_calls"
 	}
 	return reason

@@ -152,3 +152,56 @@ func TestToolCallsStream(t *testing.T) {
 		}
 	}
 }
+
+// TestFinishReason: tool_calls only when the model stopped after calls and
+// none was cut short; otherwise the reason the worker gave.
+func TestFinishReason(t *testing.T) {
+	for _, c := range []struct {
+		reason string
+		calls  int
+		cut    bool
+		want   string
+	}{
+		{"stop", 0, false, "stop"},
+		{"stop", 1, false, "tool_calls"},
+		{"stop", 3, false, "tool_calls"},
+		{"stop", 1, true, "stop"}, // a stop string cut the last call
+		{"stop", 0, true, "stop"}, // cut before the call's name was out: no call reported
+		{"length", 2, false, "length"},
+		{"length", 1, true, "length"}, // max_tokens cut the call
+		{"length", 0, false, "length"},
+	} {
+		if got := finishReason(c.reason, c.calls, c.cut); got != c.want {
+			t.Errorf("finishReason(%q, %d, %v) = %q, want %q", c.reason, c.calls, c.cut, got, c.want)
+		}
+	}
+}
+
+// TestCutToolCallFinishReason: a done that says the last call was cut short
+// keeps finish_reason stop, streamed and not, with the calls as far as they
+// were generated; the same output without the flag is tool_calls.
+func TestCutToolCallFinishReason(t *testing.T) {
+	for _, cut := range []bool{true, false} {
+		want := map[bool]string{true: "stop", false: "tool_calls"}[cut]
+		h := newHarness(t, func(c *harnessConfig) { c.workers = []workerConfig{{tokens: 4, cutCall: cut}} })
+		_, body := h.do("POST", chatPath, chatJSON(`,`+toolsJSON+`,"tool_choice":"required"`))
+		var out struct {
+			Choices []struct {
+				Message struct {
+					ToolCalls []json.RawMessage `json:"tool_calls"`
+				} `json:"message"`
+				FinishReason string `json:"finish_reason"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal(body, &out); err != nil {
+			t.Fatal(err)
+		}
+		if c := out.Choices[0]; c.FinishReason != want || len(c.Message.ToolCalls) != 2 {
+			t.Errorf("cut %v: %s", cut, body)
+		}
+		_, body = h.do("POST", chatPath, chatJSON(`,"stream":true,`+toolsJSON+`,"tool_choice":"required"`))
+		if !strings.Contains(string(body), `"finish_reason":"`+want+`"`) || !strings.Contains(string(body), `"tool_calls"`) {
+			t.Errorf("cut %v, streamed: %s", cut, body)
+		}
+	}
+}

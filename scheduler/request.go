@@ -92,7 +92,11 @@ type Event struct {
 
 	Done         bool
 	FinishReason string // "stop" or "length", with Done
-	PromptTokens int    // with Done
+	// CutCall (with Done): the output ended inside a tool call that is not
+	// whole (a stop string or max_tokens cut it), as the last worker, which
+	// replayed the whole output, reported it (ipc.Message.CutCall).
+	CutCall      bool
+	PromptTokens int // with Done
 	// CachedTokens (with Done): of PromptTokens, how many the worker took
 	// from its prompt cache; after a resume, what the last worker reported
 	// (capped at PromptTokens).

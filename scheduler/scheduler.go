@@ -378,7 +378,7 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 			s.failLocked(r, &Error{Reason: ReasonInternal, Msg: "worker cancelled the request"})
 			return nil
 		}
-		s.completeLocked(r, reason, now)
+		s.completeLocked(r, reason, m.CutCall, now)
 	case ipc.TError:
 		s.releaseLocked(sl, r, now)
 		e := &Error{Reason: ReasonInternal, Msg: m.Msg}
@@ -395,12 +395,13 @@ func (s *Scheduler) Deliver(id int, m *ipc.Message) error {
 	return nil
 }
 
-// completeLocked ends r successfully with reason (stop or length).
-func (s *Scheduler) completeLocked(r *Request, reason string, now time.Time) {
+// completeLocked ends r successfully with reason (stop or length); cutCall:
+// its output ended inside a tool call that is not whole.
+func (s *Scheduler) completeLocked(r *Request, reason string, cutCall bool, now time.Time) {
 	r.finished = true
 	s.m.RequestSuccess.WithLabelValues(reason).Inc()
 	s.observeDoneLocked(r, now)
-	r.out.push(Event{Done: true, FinishReason: reason, PromptTokens: r.promptTokens(), CachedTokens: r.cachedTokens(),
+	r.out.push(Event{Done: true, FinishReason: reason, CutCall: cutCall, PromptTokens: r.promptTokens(), CachedTokens: r.cachedTokens(),
 		CompletionTokens: len(r.generated) + r.unsent})
 	s.checkIdleLocked()
 }

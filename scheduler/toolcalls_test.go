@@ -85,3 +85,30 @@ func TestToolCallEntriesOutOfOrder(t *testing.T) {
 		}
 	}
 }
+
+// A call cut short (a stop string inside its arguments) after a resume: the
+// done of the worker that finished the request, which replayed the whole
+// output, says so, and the terminal event carries it; a done without
+// cut_call (a worker of before) leaves it false.
+func TestCutCallAfterResume(t *testing.T) {
+	for _, cut := range []bool{true, false} {
+		synctest.Test(t, func(t *testing.T) {
+			h := newHarness(t, 2, func(c *Config) { c.MaxCrashes = 3 })
+			h.nextID++
+			r := NewInputRequest(h.nextID, Input{Messages: []ipc.ChatMessage{{Role: "user", Content: "Unit?"}},
+				Tools: `[{"type":"function","function":{"name":"u"}}]`, ToolChoice: "required"}, Params{MaxTokens: 32, Stop: []string{"celsius"}})
+			h.mustSubmit(r)
+			h.addWorker(1)
+			h.deliver(1, &ipc.Message{T: ipc.TTok, ID: r.ID, IDs: []int32{1}, Calls: []ipc.ToolCall{head(0, "u", `{"un`)}})
+			h.crash(1)
+			h.addWorker(2)
+			h.deliver(2, &ipc.Message{T: ipc.TDone, ID: r.ID, Reason: "stop", PToks: 10, CToks: 2,
+				Calls: []ipc.ToolCall{frag(0, `it":"`)}, CutCall: cut})
+			evs := events(r)
+			last := evs[len(evs)-1]
+			if !last.Done || last.Err != nil || last.FinishReason != "stop" || last.CutCall != cut {
+				t.Fatalf("cut %v: done %+v", cut, last)
+			}
+		})
+	}
+}
