@@ -358,6 +358,111 @@ def test_streamed_call_resumes_mid_arguments():
         assert server.stop() == 0, server.log()
 
 
+# A tool whose one argument is forced to one value: with tool_choice required
+# and one call, the grammar writes exactly
+#   <tool_call>\n{"name":"set_unit","arguments":{"unit":"celsius"}}\n</tool_call>
+# so a stop string "celsius" always cuts the call inside its arguments.
+UNIT_TOOL = {"type": "function", "function": {
+    "name": "set_unit", "description": "Set the temperature unit",
+    "parameters": {"type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius"]}},
+                   "required": ["unit"], "additionalProperties": False}}}
+UNIT_ASK = [{"role": "user", "content": "Show temperatures in degrees Celsius."}]
+UNIT_KW = dict(model="default", max_tokens=60, temperature=0, tools=[UNIT_TOOL], tool_choice="required",
+               parallel_tool_calls=False)
+
+
+def test_call_cut_by_a_stop_string_is_not_tool_calls(client):
+    """A stop string inside a call's arguments ends the answer with finish_reason
+    stop (not tool_calls) and the arguments as far as they were generated,
+    streamed and not; without it the same call is whole and tool_calls;
+    max_tokens inside it gives length."""
+    r = client.chat.completions.create(messages=UNIT_ASK, **UNIT_KW).choices[0]
+    assert r.finish_reason == "tool_calls", r
+    assert [(tc.function.name, tc.function.arguments) for tc in r.message.tool_calls] == \
+        [("set_unit", '{"unit":"celsius"}')]
+    calls, finish = tool_deltas(client.chat.completions.create(messages=UNIT_ASK, stream=True, **UNIT_KW))
+    assert finish == "tool_calls" and "".join(calls[0]["frags"]) == '{"unit":"celsius"}'
+
+    stopped = client.chat.completions.create(messages=UNIT_ASK, stop=["celsius"], **UNIT_KW)
+    r = stopped.choices[0]
+    assert r.finish_reason == "stop", r
+    assert [(tc.function.name, tc.function.arguments) for tc in r.message.tool_calls] == [("set_unit", '{"unit":"')]
+    assert r.message.tool_calls[0].id.startswith("call_")
+    calls, finish = tool_deltas(client.chat.completions.create(messages=UNIT_ASK, stop=["celsius"], stream=True,
+                                                                **UNIT_KW))
+    assert finish == "stop" and list(calls) == [0], (calls, finish)
+    assert calls[0]["names"] == ["set_unit"] and len(calls[0]["ids"]) == 1
+    assert "".join(calls[0]["frags"]) == '{"unit":"'
+
+    # max_tokens ends it before "celsius" is complete: length, as before.
+    short = dict(UNIT_KW, max_tokens=stopped.usage.completion_tokens - 1)
+    r = client.chat.completions.create(messages=UNIT_ASK, **short).choices[0]
+    assert r.finish_reason == "length" and r.message.tool_calls[0].function.name == "set_unit", r
+    args = r.message.tool_calls[0].function.arguments
+    assert '{"unit":"celsius"}'.startswith(args) and len(args) < len('{"unit":"celsius"}'), args
+
+
+def test_cut_call_in_done_frames():
+    """At the protocol level: the done of a call cut by a stop string says
+    cut_call, a whole call's does not; and a worker that resumes after the
+    stop string was complete (its done was lost) finds it in the replay,
+    sends the rest of the arguments and says cut_call too."""
+    from conftest import WorkerProc
+    from krserve_worker import prepare
+
+    gen = {"t": "gen", "max_tokens": 60, "messages": UNIT_ASK, "tool_choice": "required", "one_call": True,
+           "tools": json.dumps([UNIT_TOOL], separators=(",", ":"))}
+    w = WorkerProc(str(prepare.model_dir()))
+    try:
+        w.hello()
+        w.send(dict(gen, id=1), dict(gen, id=2, stop=["celsius"]))
+        whole, cut = w.collect(1, timeout=300), w.collect(2, timeout=300)
+        assert whole[-1]["t"] == "done" and whole[-1]["reason"] == "stop" and "cut_call" not in whole[-1], whole[-1]
+        assert cut[-1]["t"] == "done" and cut[-1]["reason"] == "stop" and cut[-1].get("cut_call") is True, cut[-1]
+        entries = [e for f in cut for e in f.get("calls", [])]
+        assert "".join(e["arguments"] for e in entries) == '{"unit":"'
+        # The done was lost: every token delivered, the done's entries not.
+        toks = [f for f in cut if f["t"] == "tok"]
+        delivered = [e for f in toks for e in f.get("calls", [])]
+        sent_args = sum(len(e["arguments"].encode()) for e in delivered)
+        w.send(dict(gen, id=3, stop=["celsius"], resume=[i for f in toks for i in f["ids"]], max_tokens=0,
+                    sent_calls=1, sent_args=sent_args))
+        again = w.collect(3, timeout=300)
+        assert [f["t"] for f in again] == ["done"] and again[0]["reason"] == "stop", again
+        assert again[0].get("cut_call") is True
+        rest = "".join(e["arguments"] for e in again[0].get("calls", []))
+        assert all(not e.get("name") for e in again[0].get("calls", []))
+        assert "".join(e["arguments"] for e in delivered) + rest == '{"unit":"'
+    finally:
+        w.stop()
+
+
+def test_call_cut_by_a_stop_string_after_a_resume(client):
+    """The worker dies just before the stop string cuts the call: the next
+    worker replays the call's text and still reports it cut (finish_reason
+    stop), and the client gets the arguments once, as far as they went."""
+    import re
+    import urllib.request
+
+    marker = "(cut 16)"
+    ask = [{"role": "user", "content": UNIT_ASK[0]["content"] + " " + marker}]
+    ref = client.chat.completions.create(messages=ask, stop=["celsius"], **UNIT_KW)
+    assert ref.choices[0].finish_reason == "stop"
+    n = ref.usage.completion_tokens - 2  # the crash lands inside the call's arguments
+    server = Server(None, "--workers", "1", env={"KRSERVE_WORKER_FAULT": f"segv-after-tokens:{n}:{marker}"})
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        calls, finish = tool_deltas(c.chat.completions.create(messages=ask, stop=["celsius"], stream=True, **UNIT_KW))
+        assert finish == "stop" and list(calls) == [0], (calls, finish)
+        assert calls[0]["names"] == ["set_unit"] and len(calls[0]["ids"]) == 1
+        assert "".join(calls[0]["frags"]) == '{"unit":"'
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            resumed = re.search(r"^krserve_requests_resumed_total(?:\{[^}]*\})? (\S+)$", r.read().decode(), re.M)
+        assert resumed and float(resumed.group(1)) == 1, "the worker did not die mid-call"
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 # Last in the module: it kills the shared server's worker.
 def test_constrained_streams_survive_worker_kill(client, server):
     """A constrained stream resumes on the restarted worker, which replays the
