@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
-    from krserve_worker import batchmask, grammar
+    from krserve_worker import batchgen, batchmask, grammar
     from krserve_worker.worker import _model_info, dequantize_for_cpu
 
     model, tok, config = load(args.model, return_config=True)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     def run(path: str, n_constrained: int) -> float:
         kw = dict(stop_tokens=[], completion_batch_size=args.batch, prefill_batch_size=args.batch)
         if path == "batched":
-            gen = batchmask.MaskingBatchGenerator(model, masker, **kw)
+            gen = batchgen.Generator(model, masker, first_tokens_first=False, **kw)
         else:
             gen = BatchGenerator(model, **kw)
         procs = processors(n_constrained)

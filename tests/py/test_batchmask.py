@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import BatchGenerator
 
-from krserve_worker import batchmask, grammar
+from krserve_worker import batchgen, batchmask, grammar
 from krserve_worker.sampling import SeededSampler
 
 OBJ = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
@@ -182,7 +182,8 @@ def test_mixed_batch_same_as_per_row(ref, grammars):
         lambda m: BatchGenerator(m, stop_tokens=[[e] for e in grammars.eos]),
         ref, grammars, schedule, 40)
     batched, got, got_procs = _run(
-        lambda m: batchmask.generator(m, masker, stop_tokens=[[e] for e in grammars.eos])[0],
+        lambda m: batchgen.Generator(m, masker, first_tokens_first=False,
+                                    stop_tokens=[[e] for e in grammars.eos]),
         ref, grammars, schedule, 40)
     assert type(per_row) is BatchGenerator
     assert type(batched._generation_batch) is batchmask.MaskingGenerationBatch  # still ours after joins

@@ -35,10 +35,11 @@ internals less visibly.
 
 Guard: the override is used only when the installed mlx-lm's
 ``GenerationBatch`` is the source it was written against
-(``GENERATION_BATCH_SHA256``). Otherwise ``generator`` returns mlx-lm's own
-``BatchGenerator`` (processors per row: correct, slower) and says why, and
+(``GENERATION_BATCH_SHA256``). Otherwise ``batchgen.generator`` keeps mlx-lm's
+own decode batch (processors per row: correct, slower) and says why, and
 tests/py/test_batchmask.py fails, so an mlx-lm upgrade gets this copy
-re-checked instead of silently running a stale one.
+re-checked instead of silently running a stale one. (``batchgen.Generator``
+installs this batch as its decode batch.)
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import hashlib
 import inspect
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import GenerationBatch
 
 from .grammar import BatchMasker, GrammarProcessor
 
@@ -149,26 +150,3 @@ class MaskingGenerationBatch(GenerationBatch):
         if grammar_rows:
             logits = self.masker(logits, inputs, grammar_rows, grammars)
         return logits, token_context
-
-
-class MaskingBatchGenerator(BatchGenerator):
-    """A ``BatchGenerator`` whose decode batch is a ``MaskingGenerationBatch``
-    (the generator keeps that one object: rows join it by ``extend`` and
-    leave it by ``filter``)."""
-
-    def __init__(self, model, masker: BatchMasker, **kwargs):
-        super().__init__(model, **kwargs)
-        batch = MaskingGenerationBatch.empty(self.model, self.sampler)
-        batch.masker = masker
-        self._generation_batch = batch
-
-
-def generator(model, masker: BatchMasker | None, **kwargs) -> tuple[BatchGenerator, str]:
-    """A batch generator for the worker (``kwargs``: BatchGenerator's) and a
-    note for its log: grammar masks batched with ``masker``, or mlx-lm's own
-    generator (masks per row) when there is no masker or mlx-lm is not the
-    version this module was checked against."""
-    why = "no llguidance" if masker is None else unsupported()
-    if why:
-        return BatchGenerator(model, **kwargs), f"per row ({why})"
-    return MaskingBatchGenerator(model, masker, **kwargs), "batched"

@@ -483,7 +483,7 @@ class Worker:
                  shared: Shared, q: queue.Queue, faults: faults.Faults | None = None):
         import mlx.core as mx
 
-        from . import batchmask
+        from . import batchgen
 
         self.mx = mx
         self.model = model
@@ -499,7 +499,7 @@ class Worker:
             masker = grammar.BatchMasker(vocab, self.mask)
         except ImportError:  # no llguidance: no constrained requests either
             masker = None
-        self.gen, how = batchmask.generator(
+        self.gen, how = batchgen.generator(
             model,
             masker,
             stop_tokens=[[e] for e in sorted(self.eos)],
@@ -507,7 +507,7 @@ class Worker:
             prefill_batch_size=args.prefill_batch,
             prefill_step_size=args.prefill_step,
         )
-        log(f"grammar masks in the batch: {how}")
+        log(f"batch generator: {how}")
         from mlx_lm.generate import generate_step
 
         self.generate_step = generate_step

@@ -1,0 +1,116 @@
+"""The worker's batch generator (krserve_worker.batchgen) against mlx-lm's
+BatchGenerator: first tokens come out before another prompt's next prefill
+step, the tokens are the same, and a stream of arrivals cannot starve a
+long prefill. On the tiny random model (scripts/make_tiny_model.py), greedy."""
+
+from __future__ import annotations
+
+from mlx_lm.generate import BatchGenerator
+
+from krserve_worker import batchgen
+
+STEP = 16  # prefill step: B's 64 prompt tokens take four steps
+
+
+def test_mlx_lm_is_the_one_next_was_written_against():
+    """Generator._next is mlx-lm 0.32.2's with one early return. A different
+    mlx-lm turns it off in the worker (mlx-lm's own _next runs); here it
+    fails, so the copy gets compared with the new mlx-lm and NEXT_SHA256
+    updated."""
+    assert batchgen.next_unsupported() == "", batchgen.next_unsupported()
+
+
+def _prompts(tok):
+    a = tok.encode("a short question", add_special_tokens=False)[:8]
+    b = (tok.encode("a long conversation with many earlier turns " * 8, add_special_tokens=False))[:64]
+    assert len(a) == 8 and len(b) == 64
+    return a, b
+
+
+def _events(gen, prompts, max_tokens=6, n_calls=40):
+    """Insert the prompts together, call next() until every sequence ended;
+    per call: the uids whose prefill advanced (prompt responses that are not
+    the move to decoding) and the (uid, token) pairs generated."""
+    uids = gen.insert(prompts, max_tokens=[max_tokens] * len(prompts))
+    calls, done = [], set()
+    for _ in range(n_calls):
+        prompt_responses, responses = gen.next()
+        calls.append(([r.uid for r in prompt_responses if not r.end_of_prompt],
+                      [(r.uid, int(r.token)) for r in responses]))
+        done |= {r.uid for r in responses if r.finish_reason is not None}
+        if done == set(uids):
+            break
+    assert done == set(uids), "did not finish"
+    return uids, calls
+
+
+def _first_token_call(calls, uid):
+    return next(i for i, (_, toks) in enumerate(calls) if any(u == uid for u, _ in toks))
+
+
+def _prefill_steps_before(calls, uid, end):
+    return sum(uid in prefilled for prefilled, _ in calls[:end])
+
+
+def _tokens(calls, uid):
+    return [t for _, toks in calls for u, t in toks if u == uid]
+
+
+def test_first_token_before_the_next_prefill_step(ref):
+    """A (8 tokens) and B (64 tokens, four steps of 16) are inserted together
+    and prefilled together in the first call. mlx-lm's generator moves A to
+    decoding in the second call and runs B's second prefill step in the same
+    call, so A's first token comes out after two of B's steps; the worker's
+    returns before that step, so A's first token comes out after one. The
+    tokens of both are the same either way."""
+    model, tok = ref
+    a, b = _prompts(tok)
+    kw = dict(stop_tokens=[], prefill_step_size=STEP, prefill_batch_size=8, completion_batch_size=8)
+
+    (ua, ub), theirs = _events(BatchGenerator(model, **kw), [a, b])
+    (va, vb), ours = _events(batchgen.Generator(model, **kw), [a, b])
+
+    assert _prefill_steps_before(theirs, ub, _first_token_call(theirs, ua)) == 2
+    assert _prefill_steps_before(ours, vb, _first_token_call(ours, va)) == 1
+    assert _prefill_steps_before(ours, vb, len(ours)) == _prefill_steps_before(theirs, ub, len(theirs)) == 4
+    assert _tokens(ours, va) == _tokens(theirs, ua) and len(_tokens(ours, va)) == 6
+    assert _tokens(ours, vb) == _tokens(theirs, ub) and len(_tokens(ours, vb)) == 6
+
+
+def test_off_is_mlx_lm(ref):
+    """first_tokens_first=False is mlx-lm's _next: the same calls, event for event."""
+    model, tok = ref
+    a, b = _prompts(tok)
+    kw = dict(stop_tokens=[], prefill_step_size=STEP, prefill_batch_size=8, completion_batch_size=8)
+    _, theirs = _events(BatchGenerator(model, **kw), [a, b])
+    _, ours = _events(batchgen.Generator(model, first_tokens_first=False, **kw), [a, b])
+    assert ours == theirs
+
+
+def test_arrivals_do_not_starve_a_long_prefill(ref):
+    """A one-token prompt inserted before every call moves to decoding in
+    that call, so every call could defer B's prefill; the generator defers at
+    most one call in a row, so B's four steps take at most eight calls."""
+    model, tok = ref
+    _, b = _prompts(tok)
+    gen = batchgen.Generator(model, stop_tokens=[], prefill_step_size=STEP,
+                             prefill_batch_size=32, completion_batch_size=32)
+    (ub,) = gen.insert([b], max_tokens=[2])
+    steps, calls = 0, 0
+    while steps < 4:
+        gen.insert([[5]], max_tokens=[1])
+        prompt_responses, _ = gen.next()
+        calls += 1
+        steps += sum(r.uid == ub and not r.end_of_prompt for r in prompt_responses)
+        assert calls <= 8, f"B took {calls} calls for {steps} of its 4 prefill steps"
+    assert calls >= 5  # some calls were deferred: the arrivals' first tokens went first
+
+
+def test_worker_generator_has_both(ref):
+    """What the worker builds: first tokens first, and without llguidance's
+    masker mlx-lm's own decode batch."""
+    model, _ = ref
+    gen, note = batchgen.generator(model, None, stop_tokens=[])
+    assert isinstance(gen, batchgen.Generator) and gen.first_tokens_first
+    assert "first tokens before the next prefill: yes" in note
+    assert "per row (no llguidance)" in note
