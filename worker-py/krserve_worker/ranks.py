@@ -298,6 +298,8 @@ class _Digest:
 
 
 class Leader(_Digest, Worker):
+    gathers = False  # followers replay the leader's takes, one per loop
+
     def __init__(self, group: Group, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group = group
@@ -312,6 +314,8 @@ class Leader(_Digest, Worker):
 
 
 class Follower(_Digest, Worker):
+    gathers = False
+
     def __init__(self, group: Group, reader: Reader, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group = group
