@@ -101,7 +101,7 @@ def default_budget(kind: str, device_memory: int, physical_memory: int,
         return Budget(n, rule)
     where = "GPU memory unknown: " if kind == "cuda" else ""
     return Budget(max(0, physical_memory) // 8 // share,
-                  f"{where}an eighth of physical memory ({_gib(physical_memory)}){split}")
+                  f"{where}an eighth of the {_gib(physical_memory)} of physical memory{split}")
 
 
 def device_budget(model, share: int, physical_memory: int) -> Budget:
