@@ -155,7 +155,7 @@ func newBenchFrontDoor(toks, conc int) *benchFrontDoor {
 	go func() { defer wg.Done(); _ = sched.Run(ctx) }()
 	w := &benchWorker{id: 1, toks: toks, sched: sched, in: make(chan []byte, 4096), errs: make(chan error, 1)}
 	go func() { defer wg.Done(); w.run(ctx) }()
-	sched.AddWorker(1, w)
+	sched.AddWorker(1, w, scheduler.WorkerInfo{PromptCache: true})
 	acfg := DefaultConfig()
 	acfg.ModelName = "bench"
 	var ids atomic.Uint64

@@ -496,7 +496,7 @@ func newHarness(t testing.TB, opts ...func(*harnessConfig)) *harness {
 		}
 		w := newFakeWorker(i, wc, h.sched)
 		h.workers = append(h.workers, w)
-		h.sched.AddWorker(i, w)
+		h.sched.AddWorker(i, w, scheduler.WorkerInfo{PromptCache: true})
 	}
 	h.pool = &fakePool{hello: hc.hello}
 	h.ops = &fakeOps{}
@@ -534,7 +534,7 @@ func (h *harness) addWorker(wc workerConfig) *fakeWorker {
 	}
 	w := newFakeWorker(id, wc, h.sched)
 	h.workers = append(h.workers, w)
-	h.sched.AddWorker(id, w)
+	h.sched.AddWorker(id, w, scheduler.WorkerInfo{PromptCache: true})
 	return w
 }
 

@@ -294,3 +294,57 @@ func TestMispredictionShrinksTheIndex(t *testing.T) {
 		}
 	})
 }
+
+// A worker whose hello advertised no prompt cache (its default budget came
+// out 0, say) is never indexed: a conversation it served has no affinity to
+// it, so the next turn goes by load, to the other worker; a worker with a
+// cache beside it is indexed as before.
+func TestWorkerWithoutCacheIsNotIndexed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, 8, nil)
+		w1, w2 := h.addWorkerInfo(1, WorkerInfo{PromptCache: false}), h.addWorker(2)
+		on := func(w *fakeWorker, r *Request) bool { return slices.Contains(w.genIDs(), r.ID) }
+		a1 := h.chat(0)
+		h.mustSubmit(a1) // round robin starts at worker 1
+		if !on(w1, a1) {
+			t.Fatalf("turn 1: worker 1 got %v, worker 2 %v", w1.genIDs(), w2.genIDs())
+		}
+		h.finish(1, a1, "Hello from A.", 300)
+		if n := len(h.s.slots[1].index.blocks); n != 0 {
+			t.Fatalf("worker 1 has no cache but %d blocks indexed", n)
+		}
+		// Make worker 1 the busier: one token-id request on each, the one
+		// on worker 2 ends.
+		x, y := h.req(10, 4), h.req(10, 4)
+		h.mustSubmit(x)
+		h.mustSubmit(y)
+		h.advance(2 * time.Millisecond)
+		busy, idle := x, y
+		if on(w2, x) {
+			busy, idle = y, x
+		}
+		if !on(w1, busy) || !on(w2, idle) {
+			t.Fatalf("setup: worker 1 got %v, worker 2 %v", w1.genIDs(), w2.genIDs())
+		}
+		h.finish(2, idle, "ok", 10)
+		a2 := h.chat(0, "Hello from A.", "Tell me more.")
+		h.mustSubmit(a2)
+		h.advance(2 * time.Millisecond)
+		if !on(w2, a2) {
+			t.Fatalf("turn 2 went to worker 1, which has no cache, though worker 2 was less loaded")
+		}
+		if a2.predicted != 0 {
+			t.Errorf("turn 2 predicted %d cached blocks", a2.predicted)
+		}
+		if v := counter(t, h.m.RoutingDecisions.WithLabelValues(routeCache)); v != 0 {
+			t.Errorf("cache decisions = %v", v)
+		}
+		h.finish(2, a2, "More from A.", 400)
+		if len(h.s.slots[2].index.blocks) == 0 {
+			t.Errorf("worker 2 has a cache but nothing indexed")
+		}
+		if n := len(h.s.slots[1].index.blocks); n != 0 {
+			t.Errorf("worker 1 has %d blocks indexed", n)
+		}
+	})
+}

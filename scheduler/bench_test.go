@@ -58,7 +58,7 @@ func benchSubmitDeliver(b *testing.B, promptLen, n int, decode bool) {
 	defer cancel()
 	go func() { _ = s.Run(ctx) }()
 	be := &instantBackend{sent: make(chan struct{}, 1)}
-	s.AddWorker(1, be)
+	s.AddWorker(1, be, WorkerInfo{PromptCache: true})
 
 	prompt := make([]int32, promptLen)
 	for i := range prompt {

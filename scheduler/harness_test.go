@@ -175,9 +175,14 @@ func (h *harness) advance(d time.Duration) {
 }
 
 func (h *harness) addWorker(id int) *fakeWorker {
+	return h.addWorkerInfo(id, WorkerInfo{PromptCache: true})
+}
+
+// addWorkerInfo adds a worker whose hello said info.
+func (h *harness) addWorkerInfo(id int, info WorkerInfo) *fakeWorker {
 	w := &fakeWorker{t: h.t, id: id}
 	h.workers[id] = w
-	h.s.AddWorker(id, w)
+	h.s.AddWorker(id, w, info)
 	synctest.Wait()
 	return w
 }

@@ -79,6 +79,15 @@ type slot struct {
 	probation    *Request     // a suspect running alone here: the slot takes nothing else
 	reserved     bool         // kept for a waiting suspect: takes no new request until empty
 	index        *prefixIndex // the text this worker process's prompt cache is believed to hold
+	cache        bool         // the worker has a prompt cache (WorkerInfo.PromptCache)
+}
+
+// WorkerInfo is what the scheduler uses of a worker's hello.
+type WorkerInfo struct {
+	// PromptCache: the worker keeps a prompt cache (its hello advertised a
+	// budget above 0). Cache-aware routing indexes only such workers' text:
+	// one without a cache never matches, so it is chosen by load.
+	PromptCache bool
 }
 
 // Scheduler is safe for concurrent use. Run must be running for dispatch.
@@ -250,12 +259,13 @@ func (s *Scheduler) failLocked(r *Request, e *Error) {
 	s.checkIdleLocked()
 }
 
-// AddWorker makes a ready worker available for dispatch.
-func (s *Scheduler) AddWorker(id int, b Backend) {
+// AddWorker makes a ready worker available for dispatch; info is what its
+// hello said.
+func (s *Scheduler) AddWorker(id int, b Backend, info WorkerInfo) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.slots[id] = &slot{id: id, label: strconv.Itoa(id), b: b, inflight: map[uint64]*Request{}, lastProgress: s.cfg.Now(),
-		index: newPrefixIndex(s.cfg.Routing.IndexBlocks)}
+		index: newPrefixIndex(s.cfg.Routing.IndexBlocks), cache: info.PromptCache}
 	s.m.BatchSize.WithLabelValues(strconv.Itoa(id)).Set(float64(s.tune.B()))
 	s.poke()
 }
@@ -619,7 +629,9 @@ func (s *Scheduler) assignLocked(now time.Time, b int) {
 			if r.suspect { // not routed: what this worker holds is the prediction
 				r.predicted = sl.index.match(r.prefixBlocks(s.cfg.Routing.Policy))
 			}
-			sl.index.insert(r.prefixBlocks(s.cfg.Routing.Policy))
+			if sl.cache {
+				sl.index.insert(r.prefixBlocks(s.cfg.Routing.Policy))
+			}
 			if r.suspect {
 				s.startProbationLocked(sl, r)
 			}
@@ -674,7 +686,7 @@ func (s *Scheduler) routeLocked(r *Request, ids []int, batches map[int][]*Reques
 // prompt tokens against what the index predicted at dispatch: a worker that
 // found less evicted text the index still lists, so the index shrinks.
 func (s *Scheduler) rememberLocked(sl *slot, r *Request, cached int) {
-	if s.cfg.Routing.Policy != RoutingCacheAware || r.Prompt != nil {
+	if s.cfg.Routing.Policy != RoutingCacheAware || r.Prompt != nil || !sl.cache {
 		return
 	}
 	if cached >= 0 && r.predicted > 0 && r.promptToks > 0 && !r.suspect {

@@ -37,6 +37,7 @@ package supervisor
 // Options: k, sig (SEGV, ABRT, KILL, BUS), code, delay, tokdelay (between
 // tokens), on (ping or gen: what triggers a garbage mode), rss (pong rss),
 // cache (pong cache), evict (pong evicted grows by this much a ping),
+// budget (hello cache_bytes: the prompt cache budget; 0, the default: off),
 // follower (speak or fatal: what a group's follower does, see runFake).
 //
 // The gen stream is deterministic: token i of a request with prompt p has id
@@ -288,7 +289,8 @@ func runFake(spec string) int {
 		v = 1 // the version before ipc.Version
 	}
 	f.send(&ipc.Message{T: ipc.THello, V: v, PID: pid, Model: "fake-model", Ctx: 4096, Vocab: 1000,
-		EOS: []int32{2}, Caps: []string{"resume", "stop"}, Versions: map[string]string{"krserve_worker": "fake"}})
+		EOS: []int32{2}, Caps: []string{"resume", "stop"}, Versions: map[string]string{"krserve_worker": "fake"},
+		CacheBytes: int64(f.optInt("budget", 0))})
 	switch mode {
 	case "exit-after-hello":
 		return 0

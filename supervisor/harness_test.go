@@ -189,6 +189,7 @@ type routerEvent struct {
 	Cause string
 	Msg   ipc.Message
 	B     scheduler.Backend
+	Info  scheduler.WorkerInfo
 }
 
 // fakeRouter records the pool's calls. Requests are "dispatched" by the test
@@ -218,14 +219,14 @@ func (r *fakeRouter) recordLocked(e routerEvent) {
 	}
 }
 
-func (r *fakeRouter) AddWorker(id int, b scheduler.Backend) {
+func (r *fakeRouter) AddWorker(id int, b scheduler.Backend, info scheduler.WorkerInfo) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.backends[id] = b
 	r.owned[id] = map[uint64]bool{}
 	r.progress[id] = time.Now()
 	r.served[id] = 0
-	r.recordLocked(routerEvent{Kind: "add", ID: id, B: b})
+	r.recordLocked(routerEvent{Kind: "add", ID: id, B: b, Info: info})
 }
 
 func (r *fakeRouter) RemoveWorker(id int, cause string) {

@@ -17,7 +17,7 @@ import (
 
 // Router is what the pool needs from the scheduler.
 type Router interface {
-	AddWorker(id int, b scheduler.Backend)
+	AddWorker(id int, b scheduler.Backend, info scheduler.WorkerInfo)
 	RemoveWorker(id int, cause string)
 	Deliver(id int, m *ipc.Message) error // m is valid only during the call
 	SetDraining(id int)
@@ -110,9 +110,12 @@ type SlotStatus struct {
 	Failure    string      `json:"failure,omitempty"`
 	LastExit   *ExitRecord `json:"last_exit,omitempty"`
 	Healthy    bool        `json:"healthy"`
-	// The worker's prompt cache: bytes held and entries evicted (this process).
+	// The worker's prompt cache: bytes held and entries evicted (this
+	// process), and its budget as its hello advertised it (0: off, or no
+	// hello yet; the worker decides its default by its device).
 	CacheBytes     int64 `json:"prompt_cache_bytes"`
 	CacheEvictions int64 `json:"prompt_cache_evictions"`
+	CacheBudget    int64 `json:"prompt_cache_budget_bytes"`
 	// Ranks: each process of a worker that is a group of ranks
 	// (GroupSize > 1) while it runs; PID is rank 0's.
 	Ranks []RankStatus `json:"ranks,omitempty"`
@@ -131,6 +134,7 @@ type slotState struct {
 	served   int // by earlier processes of this slot
 	lastPong time.Time
 	pong     ipc.Message
+	budget   int64 // the process's prompt cache budget, from its hello (0: off)
 	failure  string
 	lastExit *ExitRecord
 }
@@ -228,9 +232,10 @@ func (p *Pool) runSlot(ctx context.Context, s *slotState) {
 		}
 		s.mu.Lock()
 		s.failure = ""
+		info := scheduler.WorkerInfo{PromptCache: s.budget > 0}
 		s.mu.Unlock()
 		p.setState(s, StateReady)
-		p.router.AddWorker(s.id, proc.Leader()) // frames go to rank 0
+		p.router.AddWorker(s.id, proc.Leader(), info) // frames go to rank 0
 		reason := p.watch(ctx, s, proc, log)
 		exit := proc.Exit()
 		inflight, served, _ := p.router.WorkerLoad(s.id)
@@ -358,6 +363,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Grou
 	s.started = t0
 	s.starts++
 	s.pong = ipc.Message{} // the last process's counters are not this one's
+	s.budget = 0
 	s.mu.Unlock()
 	timer := time.NewTimer(p.cfg.StartTimeout)
 	defer timer.Stop()
@@ -374,6 +380,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Grou
 		p.readyOn.Do(func() { close(p.ready) })
 		s.mu.Lock()
 		s.lastPong = p.now()
+		s.budget = m.CacheBytes
 		s.mu.Unlock()
 		log.Info("worker ready", "pid", proc.PID, "model", m.Model, "load_seconds", time.Since(t0).Seconds(), "context_length", m.Ctx, "versions", m.Versions, "prompt_cache_bytes", m.CacheBytes)
 		return proc, nil
@@ -561,7 +568,7 @@ func (p *Pool) Status() []SlotStatus {
 				st.LastPongMS = float64(now.Sub(s.lastPong).Microseconds()) / 1000
 			}
 			st.RSS, st.MLXActive, st.MLXPeak = s.pong.RSS, s.pong.MemActive, s.pong.MemPeak
-			st.CacheBytes, st.CacheEvictions = s.pong.Cache, s.pong.Evicted
+			st.CacheBytes, st.CacheEvictions, st.CacheBudget = s.pong.Cache, s.pong.Evicted, s.budget
 			if s.proc.Ranks() > 1 {
 				st.Ranks = s.proc.RankStatus()
 			}

@@ -604,6 +604,52 @@ func TestPoolPromptCacheMetrics(t *testing.T) {
 	}
 }
 
+// The prompt cache budget each process's hello advertised reaches the
+// router (a worker without a cache is not indexed for cache-aware routing)
+// and the slot's status; a new process of the slot advertises its own.
+func TestPoolPassesEachHellosCacheBudget(t *testing.T) {
+	pl := newPlan(t, "ok,budget=8000,rss=3000000", "ok")
+	cfg := testConfig(pl)
+	r := newFakeRouter()
+	p := newTestPool(t, cfg, r)
+	stop := runPool(t, p)
+	adds := func(evs []routerEvent) (out []routerEvent) {
+		for _, e := range evs {
+			if e.Kind == "add" {
+				out = append(out, e)
+			}
+		}
+		return out
+	}
+	add := adds(r.waitCount(t, "add", 1))
+	if !add[0].Info.PromptCache {
+		t.Errorf("first process: AddWorker info %+v, want a prompt cache", add[0].Info)
+	}
+	if b := slot0(p).CacheBudget; b != 8000 {
+		t.Errorf("status budget %d, want 8000", b)
+	}
+	if h := p.Hello(); h == nil || h.CacheBytes != 8000 {
+		t.Errorf("hello %+v", h)
+	}
+	stop()
+
+	// A second process without a cache (budget 0): the first is recycled.
+	pl = newPlan(t, "ok,budget=8000,rss=3000000", "ok")
+	cfg = testConfig(pl)
+	cfg.RecycleRSS = 2 << 20 // the first process is recycled at its first pong
+	r = newFakeRouter()
+	p = newTestPool(t, cfg, r)
+	stop = runPool(t, p)
+	defer stop()
+	add = adds(r.waitCount(t, "add", 2))
+	if !add[0].Info.PromptCache || add[1].Info.PromptCache {
+		t.Errorf("AddWorker infos %+v, %+v: want the cache on, then off", add[0].Info, add[1].Info)
+	}
+	if b := slot0(p).CacheBudget; b != 0 {
+		t.Errorf("status budget %d for a process without a cache", b)
+	}
+}
+
 func metricValue(t *testing.T, c prometheus.Metric) float64 {
 	t.Helper()
 	var d dto.Metric

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/krserve/krserve/models"
 )
 
 func TestApplyEnv(t *testing.T) {
@@ -146,24 +148,64 @@ func TestUpRefusesBadSettings(t *testing.T) {
 	}
 }
 
-func TestPromptCacheBudget(t *testing.T) {
-	const gib = int64(1) << 30
+// The workers' prompt cache arguments: the bytes given (flag or
+// kr-serve-mlx-era environment variable), or by default the number of
+// workers sharing the device, from which each worker sizes its own budget;
+// a group of ranks runs without the cache. Off (0, or a group) also makes
+// routing least-loaded.
+func TestWorkerArgsPromptCache(t *testing.T) {
 	for _, tc := range []struct {
-		flag, physical int64
-		workers        int
-		want           int64
+		name          string
+		args          []string
+		env           map[string]string
+		workers, size int
+		want, not     []string // pairs that must and must not be there
+		budget        string
+		off           bool
 	}{
-		{-1, 16 * gib, 1, 2 * gib},  // an eighth of memory
-		{-1, 16 * gib, 4, gib / 2},  // split among the workers
-		{0, 16 * gib, 2, 0},         // off
-		{12345, 16 * gib, 2, 12345}, // as given, per worker
-		{-1, 0, 2, -1},              // memory unknown: the workers' own default
+		{"default", nil, nil, 2, 1, []string{"--prompt-cache-share", "2"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"-1", []string{"--prompt-cache-bytes", "-1"}, nil, 3, 1, []string{"--prompt-cache-share", "3"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"one worker", nil, nil, 1, 1, []string{"--prompt-cache-share", "1"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"0: off", []string{"--prompt-cache-bytes", "0"}, nil, 2, 1, []string{"--prompt-cache-bytes", "0"}, []string{"--prompt-cache-share"}, "off", true},
+		{"N", []string{"--prompt-cache-bytes", "123456789"}, nil, 4, 1, []string{"--prompt-cache-bytes", "123456789"}, []string{"--prompt-cache-share"}, "123456789", false},
+		{"env N", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "777"}, 2, 1, []string{"--prompt-cache-bytes", "777"}, []string{"--prompt-cache-share"}, "777", false},
+		{"env -1", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "-1"}, 2, 1, []string{"--prompt-cache-share", "2"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"env 0", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "0"}, 2, 1, []string{"--prompt-cache-bytes", "0"}, []string{"--prompt-cache-share"}, "off", true},
+		{"flag wins over env", []string{"--prompt-cache-bytes", "5"}, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "0"}, 2, 1, []string{"--prompt-cache-bytes", "5"}, []string{"--prompt-cache-share"}, "5", false},
+		{"group of ranks", nil, nil, 2, 2, []string{"--prompt-cache-bytes", "0", "--group-size", "2"}, []string{"--prompt-cache-share"}, "off", true},
 	} {
-		if got := promptCacheBudget(tc.flag, tc.physical, tc.workers); got != tc.want {
-			t.Errorf("promptCacheBudget(%d, %d, %d) = %d, want %d", tc.flag, tc.physical, tc.workers, got, tc.want)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			var c upConfig
+			cmd := newUpCmdFor(&c)
+			if err := cmd.Flags().Parse(tc.args); err != nil {
+				t.Fatal(err)
+			}
+			if err := applyEnv(cmd.Flags(), func(k string) (string, bool) { v, ok := tc.env[k]; return v, ok }); err != nil {
+				t.Fatal(err)
+			}
+			spec := models.Spec{Name: "m", Path: "/models/m", Workers: tc.workers, GroupSize: tc.size}
+			args := workerArgs(c, spec, 8, 8)
+			if !slices.Equal(args[:4], []string{"-m", "krserve_worker", "--model", "/models/m"}) {
+				t.Fatalf("args %q", args)
+			}
+			for i := 0; i < len(tc.want); i += 2 {
+				k := slices.Index(args, tc.want[i])
+				if k < 0 || k+1 >= len(args) || args[k+1] != tc.want[i+1] {
+					t.Errorf("args %q lack %s %s", args, tc.want[i], tc.want[i+1])
+				}
+			}
+			for _, flag := range tc.not {
+				if slices.Contains(args, flag) {
+					t.Errorf("args %q have %s", args, flag)
+				}
+			}
+			budget, off := promptCacheSetting(c, spec)
+			if !strings.HasPrefix(budget, tc.budget) || off != tc.off {
+				t.Errorf("promptCacheSetting = %q, %v; want %q..., %v", budget, off, tc.budget, tc.off)
+			}
+		})
 	}
 	if physicalMemory() <= 0 {
-		t.Errorf("physicalMemory() = %d on this machine", physicalMemory())
+		t.Errorf("physicalMemory() = %d on this machine (the --help text shows its eighth)", physicalMemory())
 	}
 }

@@ -94,14 +94,11 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 	scfg.MaxQueue, scfg.MaxQueueTokens, scfg.MaxCrashes, scfg.Tune = c.MaxQueue, c.MaxQueueTokens, c.MaxCrashes, tune
 	scfg.PoisonAfter, scfg.ProbationTokens, scfg.Log = c.PoisonAfter, c.ProbationTokens, log
 	scfg.Routing.Policy, scfg.Routing.BalanceAbs = c.Routing, c.RoutingBalance
-	cacheBytes := promptCacheBudget(c.PromptCacheBytes, physicalMemory(), spec.Workers)
-	if spec.GroupSize > 1 {
-		cacheBytes = 0 // not yet kept in step across a group's ranks: off
-	}
-	if cacheBytes == 0 {
+	budget, cacheOff := promptCacheSetting(c, spec)
+	if cacheOff {
 		scfg.Routing.Policy = scheduler.RoutingLeastLoaded // no cache to be near
 	}
-	log.Info("prompt cache", "bytes_per_worker", cacheBytes, "routing", scfg.Routing.Policy)
+	log.Info("prompt cache", "bytes_per_worker", budget, "routing", scfg.Routing.Policy)
 	sched := scheduler.New(scfg, parts.m, parts.stats)
 
 	type startFailure struct {
@@ -126,18 +123,7 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 		}
 	}
 	pcfg.Command = func(slot int) supervisor.Command {
-		args := []string{"-m", "krserve_worker", "--model", spec.Path,
-			"--max-batch", strconv.Itoa(maxB),
-			"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
-		if c.PrefillStep > 0 { // else the worker picks by its device
-			args = append(args, "--prefill-step", strconv.Itoa(c.PrefillStep))
-		}
-		if cacheBytes >= 0 {
-			args = append(args, "--prompt-cache-bytes", strconv.FormatInt(cacheBytes, 10))
-		}
-		if spec.GroupSize > 1 {
-			args = append(args, "--group-size", strconv.Itoa(spec.GroupSize))
-		}
+		args := workerArgs(c, spec, maxB, prefillBatch)
 		if c.WorkerExec != "" {
 			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
 		}
@@ -171,6 +157,46 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// promptCacheSetting says, before the workers start, what their prompt cache
+// budget is (for the log) and whether it is off for all of them. The default
+// (-1) is each worker's to decide, since only it knows its device: "auto"
+// here, the bytes in each worker's hello later (a worker whose budget comes
+// out 0 is then routed by load: scheduler.WorkerInfo).
+func promptCacheSetting(c upConfig, spec models.Spec) (budget string, off bool) {
+	switch {
+	case spec.GroupSize > 1: // not yet kept in step across a group's ranks
+		return "off (a group of ranks)", true
+	case c.PromptCacheBytes == 0:
+		return "off", true
+	case c.PromptCacheBytes > 0:
+		return strconv.FormatInt(c.PromptCacheBytes, 10), false
+	}
+	return "auto (each worker's, by its device)", false
+}
+
+// workerArgs is the command line of one of the model's workers (after the
+// Python interpreter): -m krserve_worker and its flags.
+func workerArgs(c upConfig, spec models.Spec, maxB, prefillBatch int) []string {
+	args := []string{"-m", "krserve_worker", "--model", spec.Path,
+		"--max-batch", strconv.Itoa(maxB),
+		"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
+	if c.PrefillStep > 0 { // else the worker picks by its device
+		args = append(args, "--prefill-step", strconv.Itoa(c.PrefillStep))
+	}
+	switch {
+	case spec.GroupSize > 1: // not yet kept in step across a group's ranks: off
+		args = append(args, "--prompt-cache-bytes", "0")
+	case c.PromptCacheBytes >= 0: // as given, per worker (0: off)
+		args = append(args, "--prompt-cache-bytes", strconv.FormatInt(c.PromptCacheBytes, 10))
+	default: // each worker sizes its share of its device's memory itself
+		args = append(args, "--prompt-cache-share", strconv.Itoa(spec.Workers))
+	}
+	if spec.GroupSize > 1 {
+		args = append(args, "--group-size", strconv.Itoa(spec.GroupSize))
+	}
+	return args
 }
 
 // joinReasons writes the workers' start failures, the same reason once.

@@ -106,6 +106,7 @@ type statusDoc struct {
 		RSS      int64   `json:"rss_bytes"`
 		Cache    int64   `json:"prompt_cache_bytes"`
 		Evicted  int64   `json:"prompt_cache_evictions"`
+		Budget   int64   `json:"prompt_cache_budget_bytes"`
 		Healthy  bool    `json:"healthy"`
 		Failure  string  `json:"failure"`
 		LastExit *struct {
@@ -212,9 +213,16 @@ func printStatus(w io.Writer, body []byte) error {
 		if wk.Failure != "" {
 			st += ": " + wk.Failure
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%d\t%d\t%d\t%.0f MiB\t%.0f MiB (%d evicted)\t%s\n", wk.Slot, st, wk.PID,
+		cache := "-" // no hello yet
+		switch {
+		case wk.Budget > 0: // the budget the worker's hello advertised
+			cache = fmt.Sprintf("%.0f MiB of %s (%d evicted)", float64(wk.Cache)/(1<<20), gib(wk.Budget), wk.Evicted)
+		case wk.State == "ready" || wk.State == "draining":
+			cache = "off"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%d\t%d\t%d\t%.0f MiB\t%s\t%s\n", wk.Slot, st, wk.PID,
 			(time.Duration(wk.Uptime) * time.Second).String(), wk.Served, wk.Inflight, wk.Restarts, float64(wk.RSS)/(1<<20),
-			float64(wk.Cache)/(1<<20), wk.Evicted, last)
+			cache, last)
 		for _, r := range wk.Ranks { // a worker that is a group of ranks (--group-size)
 			alive := "alive"
 			if !r.Alive {

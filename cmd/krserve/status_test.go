@@ -5,23 +5,38 @@ import (
 	"testing"
 )
 
-// printStatus shows the prompt cache: hit tokens and rate, bytes and
-// evictions per worker (from /stats).
+// printStatus shows the prompt cache: hit tokens and rate, bytes, budget (as
+// each worker's hello advertised it) and evictions per worker (from /stats),
+// and "off" for a ready worker without a cache.
 func TestPrintStatusPromptCache(t *testing.T) {
 	doc := `{"uptime_s": 12, "model": {"model": "m", "context_length": 2048},
 	  "server": {"latency": {}, "ttft": {}, "throughput": {"tokens_per_second": {}, "requests_per_second": {}},
 	    "prefix_cache": {"queried_tokens": 4000, "hit_tokens": 3000, "hit_rate": 0.75}},
 	  "scheduler": {"autotune": {"b": 32}},
 	  "workers": [{"slot": 0, "state": "ready", "pid": 42, "healthy": true, "rss_bytes": 104857600,
-	    "prompt_cache_bytes": 52428800, "prompt_cache_evictions": 7}]}`
+	    "prompt_cache_bytes": 52428800, "prompt_cache_evictions": 7, "prompt_cache_budget_bytes": 3221225472},
+	    {"slot": 1, "state": "ready", "pid": 43, "healthy": true, "rss_bytes": 104857600},
+	    {"slot": 2, "state": "starting", "pid": 44}]}`
 	var b strings.Builder
 	if err := printStatus(&b, []byte(doc)); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"3000 of 4000 prompt tokens from the prompt cache (hit rate 75.0%)", "PROMPT CACHE", "50 MiB (7 evicted)"} {
+	for _, want := range []string{"3000 of 4000 prompt tokens from the prompt cache (hit rate 75.0%)", "PROMPT CACHE", "50 MiB of 3.0 GiB (7 evicted)"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)
+		}
+	}
+	for _, row := range [][]string{{"1", "ready", "off"}, {"2", "starting", "-"}} {
+		found := false
+		for _, line := range strings.Split(out, "\n") {
+			f := strings.Fields(line)
+			if len(f) >= 10 && f[0] == row[0] && f[1] == row[1] && f[len(f)-2] == row[2] {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("no row of worker %s %s with prompt cache %q in:\n%s", row[0], row[1], row[2], out)
 		}
 	}
 }

@@ -157,7 +157,9 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.PrefillBatch, "prefill-batch", 0, "prompts a worker prefills in one step (0: as many as it decodes at once, so a burst of arrivals is prefilled together; less: shorter stalls of running streams)")
 	f.StringVar(&c.Dequantize, "dequantize", "auto", "auto, on or off: workers hold a quantized model's weights as float32 (auto: on mlx's CPU device with OpenBLAS, when they fit in a quarter of memory; float32 matmuls are far faster there than quantized ones)")
 	f.Int64Var(&c.PromptCacheBytes, "prompt-cache-bytes", -1, fmt.Sprintf("bytes of KV state each worker's prompt cache and its running sequences may hold together "+
-		"(-1: an eighth of physical memory, %s here, split among a model's workers; 0: no prompt cache, and --routing is least-loaded)", gib(physicalMemory()/8)))
+		"(-1: each worker sizes it by the memory its KV cache lives in, once the model is loaded: on a CUDA GPU half of the GPU's memory less the weights of the model's workers, "+
+		"split among them, 0 (off) if the weights take that half; elsewhere (the CPU, Apple silicon) an eighth of physical memory, %s here, split among them; "+
+		"0: no prompt cache, and --routing is least-loaded)", gib(physicalMemory()/8)))
 	f.StringVar(&c.API.ModelName, "served-model-name", "default", "model id clients use for a --model given without NAME= (the model path is accepted too)")
 	f.IntVar(&c.API.MaxTokens, "max-tokens-cap", c.API.MaxTokens, "largest max_tokens a request may ask for")
 	f.IntVar(&c.API.DefaultMaxTokens, "default-max-tokens", c.API.DefaultMaxTokens, "max_tokens when a request names none")
@@ -167,19 +169,6 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.StringVar(&c.WorkerExec, "worker-exec", "", "run this program with the worker's arguments instead of python -m krserve_worker (benchmarks: scripts/bench/instantworker)")
 	_ = f.MarkHidden("worker-exec")
 	return cmd
-}
-
-// promptCacheBudget is each worker's --prompt-cache-bytes: the flag as given,
-// or for -1 an eighth of physical memory split among the workers; -1 when
-// memory is unknown (each worker then takes its own default).
-func promptCacheBudget(flag, physical int64, workers int) int64 {
-	if flag >= 0 {
-		return flag
-	}
-	if physical <= 0 || workers < 1 {
-		return -1
-	}
-	return physical / 8 / int64(workers)
 }
 
 func gib(n int64) string { return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30)) }
@@ -288,7 +277,7 @@ func runUp(parent context.Context, c upConfig) error {
 		return fmt.Errorf("--dequantize must be auto, on or off; got %q", c.Dequantize)
 	}
 	if c.PromptCacheBytes < -1 {
-		return fmt.Errorf("--prompt-cache-bytes must be at least -1 (-1: the default share of memory, 0: off); got %d", c.PromptCacheBytes)
+		return fmt.Errorf("--prompt-cache-bytes must be at least -1 (-1: each worker's default, by its device; 0: off); got %d", c.PromptCacheBytes)
 	}
 	if min(c.TuneMin, c.BatchSize) < 1 || (c.AutoTune && c.TuneMax < c.TuneMin) {
 		return fmt.Errorf("auto-tune bounds [%d, %d] are not a valid range", c.TuneMin, c.TuneMax)

@@ -372,6 +372,115 @@ def test_budget_holds_and_evicts_the_oldest(start_worker, ref, tmp_path):
     assert after["cache"] == before["cache"]
 
 
+GB = 10**9
+GIB = 2**30
+
+
+@pytest.mark.parametrize("kind, device, physical, weights, share, want", [
+    # A CUDA GPU: half its memory, less the weights of the share workers, split.
+    ("cuda", 141 * GB, 128 * GIB, 6 * GB, 1, 141 * GB // 2 - 6 * GB),
+    ("cuda", 141 * GB, 128 * GIB, 6 * GB, 2, (141 * GB // 2 - 12 * GB) // 2),
+    ("cuda", 141 * GB, 128 * GIB, 6 * GB, 4, (141 * GB // 2 - 24 * GB) // 4),
+    ("cuda", 80 * GB, 2 * GIB, 0, 3, 80 * GB // 2 // 3),  # not bounded by system memory
+    # The weights take the half: 0, the cache is off (never negative).
+    ("cuda", 24 * GB, 64 * GIB, 13 * GB, 1, 0),
+    ("cuda", 80 * GB, 64 * GIB, 16 * GB, 3, 0),
+    ("cuda", 80 * GB, 64 * GIB, 20 * GB, 2, 0),  # exactly the half
+    # GPU memory unknown: the physical-memory rule, weights ignored.
+    ("cuda", 0, 128 * GIB, 6 * GB, 2, 128 * GIB // 8 // 2),
+    # The CPU and Apple silicon (unified memory): an eighth of physical memory.
+    ("cpu", 0, 24 * GIB, 10**8, 1, 3 * GIB),
+    ("cpu", 0, 24 * GIB, 10**8, 2, 3 * GIB // 2),
+    ("metal", 192 * GIB, 192 * GIB, 70 * GB, 1, 24 * GIB),
+    ("metal", 192 * GIB, 192 * GIB, 70 * GB, 4, 6 * GIB),
+    ("cpu", 0, 0, 10**8, 1, 0),  # physical memory unknown: off
+    ("cpu", 0, 24 * GIB, 10**8, 0, 3 * GIB),  # a share below 1 counts as 1
+])
+def test_default_budget(kind, device, physical, weights, share, want):
+    from krserve_worker.prompt_cache import default_budget
+
+    got = default_budget(kind, device, physical, weights, share)
+    assert got.bytes == want
+    if kind == "cuda" and device:
+        assert "half of the GPU's" in got.rule
+        assert ("prompt cache is off" in got.rule) == (want == 0)
+    else:
+        assert got.rule.startswith(("an eighth of the ", "GPU memory unknown: an eighth of the "))
+        assert "of physical memory" in got.rule
+        assert ("GPU memory unknown" in got.rule) == (kind == "cuda")
+    assert ("split among" in got.rule) == (share > 1)
+
+
+class _Metal:
+    def __init__(self, on):
+        self.on = on
+
+    def is_available(self):
+        return self.on
+
+
+@pytest.mark.parametrize("device, metal, info, want", [
+    ("cpu", False, None, lambda w: 64 * GIB // 8 // 2),
+    ("gpu", True, {"memory_size": 96 * GIB}, lambda w: 64 * GIB // 8 // 2),  # Metal: unified
+    ("gpu", False, {"total_memory": 80 * GB, "free_memory": 1}, lambda w: (40 * GB - 2 * w) // 2),
+    ("gpu", False, {"memory_size": 80 * GB}, lambda w: (40 * GB - 2 * w) // 2),
+    ("gpu", False, {"device_name": "x"}, lambda w: 64 * GIB // 8 // 2),  # unknown: physical
+    ("gpu", False, RuntimeError("no"), lambda w: 64 * GIB // 8 // 2),
+])
+def test_device_budget_reads_the_device(ref, monkeypatch, device, metal, info, want):
+    """device_budget sums the loaded model's weights and reads the device as
+    mlx reports it (the CUDA branch is exercised here with mlx's device
+    functions standing in for a CUDA build's: this machine has no GPU)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from krserve_worker.prompt_cache import device_budget
+
+    model, _ = ref
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert weights > 0
+    if device == "gpu":
+        monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+        monkeypatch.setattr(mx, "metal", _Metal(metal))
+
+        def device_info():
+            if isinstance(info, Exception):
+                raise info
+            return info
+
+        monkeypatch.setattr(mx, "device_info", device_info)
+    assert device_budget(model, 2, 64 * GIB).bytes == want(weights)
+
+
+def test_worker_default_budget_by_share(start_worker):
+    """A worker started without --prompt-cache-bytes sizes its cache itself:
+    on the CPU an eighth of physical memory split among the
+    --prompt-cache-share workers, logged with its rule."""
+    import os
+
+    w = start_worker(args=("--prompt-cache-share", "2"))
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    h = w.hello()
+    assert h["cache_bytes"] == physical // 8 // 2
+    assert "prompt_cache" in h["caps"]
+    wait_log(w, f"prompt cache budget: an eighth of the {physical / 2**30:.1f} GiB of physical "
+                "memory, split among 2 workers")
+    # Given bytes win over the share.
+    w2 = start_worker(args=("--prompt-cache-share", "4", "--prompt-cache-bytes", "12345678"))
+    assert w2.hello()["cache_bytes"] == 12345678
+    assert "prompt cache budget:" not in w2.stderr_text()
+
+
+@pytest.mark.parametrize("args", [("--prompt-cache-share", "0"), ("--prompt-cache-bytes", "-1")])
+def test_bad_budget_flags_are_refused(args, capsys):
+    from krserve_worker.worker import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "m", *args])
+    assert e.value.code == 2
+    assert args[0] in capsys.readouterr().err
+
+
 def test_cancelled_request_keeps_its_prefill(start_worker, ref):
     """A request cancelled during its chunked prefill stores what it
     prefilled; one cancelled while decoding stores its prompt and tokens."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 import urllib.request
 
 import pytest
@@ -50,6 +51,25 @@ def turn(server, ref, clean, msgs):
     reply = body["choices"][0]["message"]["content"]
     assert reply == want["text"], "the answer differs from the uncached in-process reference"
     return reply, body["usage"]
+
+
+def test_workers_size_their_default_budget(server):
+    """With the default --prompt-cache-bytes, krserve up passes each worker
+    --prompt-cache-share 2 and the workers size their budgets themselves (on
+    the CPU: an eighth of physical memory, split between the two); /stats
+    shows what each worker's hello advertised."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    deadline = time.monotonic() + 120
+    while True:  # the server is ready with its first worker; wait for both
+        _, st = server.get("/stats")
+        ready = [w for w in st["workers"] if w["state"] == "ready"]
+        if len(ready) == 2:
+            break
+        assert time.monotonic() < deadline, st["workers"]
+        time.sleep(0.05)
+    assert [w["prompt_cache_budget_bytes"] for w in ready] == [physical // 8 // 2] * 2
+    assert st["model"]["prompt_cache_budget_bytes"] == physical // 8 // 2
+    assert "auto (each worker's, by its device)" in server.log()
 
 
 def test_affinity_follows_the_conversation_and_survives_a_kill(server, ref, clean):

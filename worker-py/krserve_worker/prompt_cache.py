@@ -28,7 +28,9 @@ mlx-lm does the work; this module decides what goes in and what comes out, as
   ``user``, and keeps ``system`` entries longest; oldest first within a kind).
   An entry larger than what the budget leaves is skipped: it never flushes
   everything else (``LRUPromptCache.insert_cache`` alone would evict the
-  whole cache, the new entry included).
+  whole cache, the new entry included). Without ``--prompt-cache-bytes`` the
+  worker sizes the budget by the memory the KV cache lives in, once the model
+  is loaded (``default_budget``): the GPU's on CUDA, physical memory elsewhere.
 
 Bookkeeping for the protocol: ``nbytes`` (pong ``cache``), ``evicted`` (pong
 ``evicted``: entries dropped to stay within the budget or the entry limit,
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from typing import NamedTuple
 
 # One model per worker: the trie's model key.
 _MODEL = "model"
@@ -56,10 +59,69 @@ def log(*args) -> None:
     print("krserve_worker:", *args, file=sys.stderr, flush=True)
 
 
-def default_budget(physical_memory: int) -> int:
-    """The worker's default budget when started alone: an eighth of physical
-    memory (the supervisor passes its own share per worker)."""
-    return physical_memory // 8
+class Budget(NamedTuple):
+    """A default budget and the rule that gave it (for the worker's log)."""
+
+    bytes: int
+    rule: str
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def default_budget(kind: str, device_memory: int, physical_memory: int,
+                   weights_bytes: int, share: int) -> Budget:
+    """The budget of a worker started without ``--prompt-cache-bytes``, from
+    the memory its KV cache lives in.
+
+    ``kind`` is ``"cuda"`` for a GPU with memory of its own (mlx's CUDA
+    backend), anything else (``"cpu"``, ``"metal"``) for memory shared with
+    the system. ``share`` workers of the model run on this device (the
+    supervisor's ``--prompt-cache-share``).
+
+    - A CUDA GPU: half of ``device_memory`` (the GPU's total), less the
+      weights of the ``share`` workers (``weights_bytes`` each), split among
+      them; never below 0 (0: the cache is off). The other half is left to
+      the running batch's activations, mlx's buffer cache and whatever else
+      uses the card.
+    - Elsewhere (the CPU; Apple silicon's unified memory), or a GPU whose
+      memory is unknown (``device_memory`` 0): an eighth of
+      ``physical_memory`` split among the ``share`` workers.
+    """
+    share = max(1, share)
+    split = f", split among {share} workers" if share > 1 else ""
+    if kind == "cuda" and device_memory > 0:
+        room = device_memory // 2 - share * weights_bytes
+        n = max(0, room // share)
+        rule = (f"half of the GPU's {_gib(device_memory)} less {share} x {_gib(weights_bytes)} "
+                f"of weights{split}")
+        if n == 0:
+            rule += ": the weights take that half, so the prompt cache is off"
+        return Budget(n, rule)
+    where = "GPU memory unknown: " if kind == "cuda" else ""
+    return Budget(max(0, physical_memory) // 8 // share,
+                  f"{where}an eighth of the {_gib(physical_memory)} of physical memory{split}")
+
+
+def device_budget(model, share: int, physical_memory: int) -> Budget:
+    """``default_budget`` for the loaded ``model`` on mlx's default device
+    (called on the MLX thread, after the model is loaded)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    kind, memory = "cpu", 0
+    if mx.default_device().type == mx.gpu:
+        kind = "metal" if mx.metal.is_available() else "cuda"
+    if kind == "cuda":
+        try:
+            info = mx.device_info()
+        except Exception:  # an mlx that cannot say: the physical-memory rule
+            info = {}
+        # mlx 0.32's CUDA backend says total_memory; Metal's says memory_size.
+        memory = int(info.get("total_memory") or info.get("memory_size") or 0)
+    return default_budget(kind, memory, physical_memory, weights, share)
 
 
 def _linear_trie():

@@ -54,7 +54,7 @@ import time
 from . import __version__, blas, faults, grammar, protocol, tools
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
-from .prompt_cache import (Followers, PromptCache, copy_cache, default_budget, prefill,
+from .prompt_cache import (Followers, PromptCache, copy_cache, device_budget, prefill,
                            prompt_checkpoints_needed, system_end, with_prefix)
 from .protocol import ProtocolError
 from .textstream import TextStream
@@ -90,8 +90,15 @@ def parse_args(argv):
                          "quarter of physical memory; see dequantize_for_cpu)")
     ap.add_argument("--prompt-cache-bytes", type=int, default=None, metavar="N",
                     help="bytes of KV cache the prompt cache and the running sequences may "
-                         "hold together (default: an eighth of physical memory; 0 turns "
-                         "the prompt cache off)")
+                         "hold together; 0 turns the prompt cache off. Default, decided "
+                         "once the model is loaded: on a CUDA GPU half of the GPU's memory "
+                         "less the weights of the --prompt-cache-share workers, split among "
+                         "them (0, cache off, if the weights take that half); elsewhere (the "
+                         "CPU, Apple silicon's unified memory) an eighth of physical memory "
+                         "split among them")
+    ap.add_argument("--prompt-cache-share", type=int, default=1, metavar="N",
+                    help="workers of this model sharing the device's memory, for the default "
+                         "--prompt-cache-bytes (krserve up passes its --workers; default 1)")
     from . import ranks
 
     ranks.add_args(ap)
@@ -99,10 +106,10 @@ def parse_args(argv):
     for name in ("max_batch", "prefill_batch", "prefill_step"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.prompt_cache_bytes is None:
-        args.prompt_cache_bytes = default_budget(_physical_memory())
-    elif args.prompt_cache_bytes < 0:
+    if args.prompt_cache_bytes is not None and args.prompt_cache_bytes < 0:
         ap.error("--prompt-cache-bytes must be >= 0")
+    if args.prompt_cache_share < 1:
+        ap.error("--prompt-cache-share must be >= 1")
     return args
 
 
@@ -1074,12 +1081,18 @@ def main(argv, proto_in: int, proto_out: int) -> int:
             args.prefill_step = default_prefill_step(on_cpu)
         weights = dequantize_for_cpu(model, args.dequantize, on_cpu=on_cpu,
                                      fast_blas=blas_info.startswith("OpenBLAS"))
+        budget = None
+        if args.prompt_cache_bytes is None:  # the default: by the device, now known
+            budget = device_budget(model, args.prompt_cache_share, _physical_memory())
+            args.prompt_cache_bytes = budget.bytes
     except Exception as e:
         return fatal(f"failed to load model from {args.model!r}: {type(e).__name__}: {e}",
                      EXIT_LOAD)
     log(f"loaded {args.model} in {time.monotonic() - t0:.2f}s: vocab {vocab}, ctx {ctx}, "
         f"eos {sorted(tokenizer.eos_token_ids)}; {mx.default_device()}, BLAS: {blas_info}; "
         f"weights: {weights}; prefill step {args.prefill_step}")
+    if budget is not None:
+        log(f"prompt cache budget: {budget.rule}")
 
     try:
         injected = faults.Faults.from_env(os.environ, tokenizer)
