@@ -12,10 +12,13 @@
    group's prefill (0.9 s a step): every request's time to first token was
    the end of the last prefill. Here, when prompts just moved to the decode
    batch and others wait for a prefill step, the call returns before that
-   step: the next call's decode step sends the first tokens (one decode step,
-   ~10-40 ms) and then prefills. It defers at most one call in a row, so a
-   stream of fully cached arrivals cannot starve a long prefill. mlx_lm.server
-   uses the same generator and has the same wait.
+   step, and the next call returns right after its decode step, which
+   carries their first tokens (a call returns its tokens only when it ends,
+   so the decode step must end a call before the prefill). The waiting
+   prompts' prefill starts two decode steps later (~10-40 ms each). The call
+   after such a decode step does not hold its prefill back again, so a
+   stream of fully cached arrivals cannot starve a long prefill.
+   mlx_lm.server uses the same generator and has the same wait.
 
 2. **Grammar masks batched** (``batchmask.MaskingGenerationBatch``, with a
    ``grammar.BatchMasker``): the decode batch masks every constrained row in
@@ -67,7 +70,12 @@ class Generator(BatchGenerator):
     def __init__(self, model, masker=None, first_tokens_first: bool = True, **kwargs):
         super().__init__(model, **kwargs)
         self.first_tokens_first = first_tokens_first
-        self._deferred = False  # the last call returned before its prefill step
+        # The last call moved prompts to decoding and returned before the
+        # prefill step of the others: this call returns after its decode
+        # step, which sends their first tokens.
+        self._send_first = False
+        # The last call did that: this one prefills whatever moved.
+        self._sent_first = False
         if masker is not None:
             batch = batchmask.MaskingGenerationBatch.empty(self.model, self.sampler)
             batch.masker = masker
@@ -80,6 +88,11 @@ class Generator(BatchGenerator):
         generation_responses = []
         prompt_responses = []
 
+        # krserve: the decode step that sends the first tokens of the prompts
+        # the last call moved to decoding, alone.
+        send_first, self._send_first = self._send_first, False
+        sent_first, self._sent_first = self._sent_first, False
+
         # Generate tokens first
         if len(self._generation_batch) > 0:
             tic = time.perf_counter()
@@ -89,6 +102,10 @@ class Generator(BatchGenerator):
             self._counters.generation_steps += 1
             if self._counters.generation_steps % 512 == 0:
                 mx.clear_cache()
+
+        if send_first and generation_responses:
+            self._sent_first = True
+            return prompt_responses, generation_responses
 
         # Exit early because we already have our hands full with decoding
         if len(self._generation_batch) >= self.completion_batch_size:
@@ -130,13 +147,13 @@ class Generator(BatchGenerator):
                 )
             self._generation_batch.extend(gen_batch)
 
-        # krserve: the first tokens of the sequences just split off come out
+        # krserve: the first tokens of the sequences just split off go out
         # with the next call's decode step, before the prefill step of the
-        # prompts still waiting (at most one call deferred in a row).
-        if split and self._currently_processing and not self._deferred:
-            self._deferred = True
+        # prompts still waiting (unless the last call was such a step: a
+        # stream of arrivals cannot hold a long prefill back for good).
+        if split and self._currently_processing and not sent_first:
+            self._send_first = True
             return prompt_responses, generation_responses
-        self._deferred = False
 
         # Extract the next prompts input
         prompts = []
