@@ -148,11 +148,11 @@ func TestUpRefusesBadSettings(t *testing.T) {
 	}
 }
 
-// The workers' prompt cache arguments: the bytes given (flag or
-// kr-serve-mlx-era environment variable), or by default the number of
-// workers sharing the device, from which each worker sizes its own budget;
-// a group of ranks runs without the cache. Off (0, or a group) also makes
-// routing least-loaded.
+// The workers' prompt cache arguments: always the number of workers sharing
+// the device (--device-share), from which each worker sizes its own default
+// budget and, on a CUDA GPU, mlx's memory limit; the bytes when given (flag
+// or kr-serve-mlx-era environment variable); a group of ranks runs without
+// the cache. Off (0, or a group) also makes routing least-loaded.
 func TestWorkerArgsPromptCache(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
@@ -163,16 +163,16 @@ func TestWorkerArgsPromptCache(t *testing.T) {
 		budget        string
 		off           bool
 	}{
-		{"default", nil, nil, 2, 1, []string{"--prompt-cache-share", "2"}, []string{"--prompt-cache-bytes"}, "auto", false},
-		{"-1", []string{"--prompt-cache-bytes", "-1"}, nil, 3, 1, []string{"--prompt-cache-share", "3"}, []string{"--prompt-cache-bytes"}, "auto", false},
-		{"one worker", nil, nil, 1, 1, []string{"--prompt-cache-share", "1"}, []string{"--prompt-cache-bytes"}, "auto", false},
-		{"0: off", []string{"--prompt-cache-bytes", "0"}, nil, 2, 1, []string{"--prompt-cache-bytes", "0"}, []string{"--prompt-cache-share"}, "off", true},
-		{"N", []string{"--prompt-cache-bytes", "123456789"}, nil, 4, 1, []string{"--prompt-cache-bytes", "123456789"}, []string{"--prompt-cache-share"}, "123456789", false},
-		{"env N", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "777"}, 2, 1, []string{"--prompt-cache-bytes", "777"}, []string{"--prompt-cache-share"}, "777", false},
-		{"env -1", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "-1"}, 2, 1, []string{"--prompt-cache-share", "2"}, []string{"--prompt-cache-bytes"}, "auto", false},
-		{"env 0", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "0"}, 2, 1, []string{"--prompt-cache-bytes", "0"}, []string{"--prompt-cache-share"}, "off", true},
-		{"flag wins over env", []string{"--prompt-cache-bytes", "5"}, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "0"}, 2, 1, []string{"--prompt-cache-bytes", "5"}, []string{"--prompt-cache-share"}, "5", false},
-		{"group of ranks", nil, nil, 2, 2, []string{"--prompt-cache-bytes", "0", "--group-size", "2"}, []string{"--prompt-cache-share"}, "off", true},
+		{"default", nil, nil, 2, 1, []string{"--device-share", "2"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"-1", []string{"--prompt-cache-bytes", "-1"}, nil, 3, 1, []string{"--device-share", "3"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"one worker", nil, nil, 1, 1, []string{"--device-share", "1"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"0: off", []string{"--prompt-cache-bytes", "0"}, nil, 2, 1, []string{"--prompt-cache-bytes", "0", "--device-share", "2"}, nil, "off", true},
+		{"N", []string{"--prompt-cache-bytes", "123456789"}, nil, 4, 1, []string{"--prompt-cache-bytes", "123456789", "--device-share", "4"}, nil, "123456789", false},
+		{"env N", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "777"}, 2, 1, []string{"--prompt-cache-bytes", "777"}, nil, "777", false},
+		{"env -1", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "-1"}, 2, 1, []string{"--device-share", "2"}, []string{"--prompt-cache-bytes"}, "auto", false},
+		{"env 0", nil, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "0"}, 2, 1, []string{"--prompt-cache-bytes", "0"}, nil, "off", true},
+		{"flag wins over env", []string{"--prompt-cache-bytes", "5"}, map[string]string{"KRSERVE_PROMPT_CACHE_BYTES": "0"}, 2, 1, []string{"--prompt-cache-bytes", "5"}, nil, "5", false},
+		{"group of ranks", nil, nil, 2, 2, []string{"--prompt-cache-bytes", "0", "--group-size", "2", "--device-share", "2"}, nil, "off", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var c upConfig

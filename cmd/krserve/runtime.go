@@ -185,13 +185,14 @@ func workerArgs(c upConfig, spec models.Spec, maxB, prefillBatch int) []string {
 	if c.PrefillStep > 0 { // else the worker picks by its device
 		args = append(args, "--prefill-step", strconv.Itoa(c.PrefillStep))
 	}
+	// The model's workers share their device's memory: each sizes its
+	// default cache budget (and on a CUDA GPU mlx's memory limit) by it.
+	args = append(args, "--device-share", strconv.Itoa(spec.Workers))
 	switch {
 	case spec.GroupSize > 1: // not yet kept in step across a group's ranks: off
 		args = append(args, "--prompt-cache-bytes", "0")
 	case c.PromptCacheBytes >= 0: // as given, per worker (0: off)
 		args = append(args, "--prompt-cache-bytes", strconv.FormatInt(c.PromptCacheBytes, 10))
-	default: // each worker sizes its share of its device's memory itself
-		args = append(args, "--prompt-cache-share", strconv.Itoa(spec.Workers))
 	}
 	if spec.GroupSize > 1 {
 		args = append(args, "--group-size", strconv.Itoa(spec.GroupSize))

@@ -455,10 +455,10 @@ def test_device_budget_reads_the_device(ref, monkeypatch, device, metal, info, w
 def test_worker_default_budget_by_share(start_worker):
     """A worker started without --prompt-cache-bytes sizes its cache itself:
     on the CPU an eighth of physical memory split among the
-    --prompt-cache-share workers, logged with its rule."""
+    --device-share workers, logged with its rule."""
     import os
 
-    w = start_worker(args=("--prompt-cache-share", "2"))
+    w = start_worker(args=("--device-share", "2"))
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     h = w.hello()
     assert h["cache_bytes"] == physical // 8 // 2
@@ -466,12 +466,12 @@ def test_worker_default_budget_by_share(start_worker):
     wait_log(w, f"prompt cache budget: an eighth of the {physical / 2**30:.1f} GiB of physical "
                 "memory, split among 2 workers")
     # Given bytes win over the share.
-    w2 = start_worker(args=("--prompt-cache-share", "4", "--prompt-cache-bytes", "12345678"))
+    w2 = start_worker(args=("--device-share", "4", "--prompt-cache-bytes", "12345678"))
     assert w2.hello()["cache_bytes"] == 12345678
     assert "prompt cache budget:" not in w2.stderr_text()
 
 
-@pytest.mark.parametrize("args", [("--prompt-cache-share", "0"), ("--prompt-cache-bytes", "-1")])
+@pytest.mark.parametrize("args", [("--device-share", "0"), ("--prompt-cache-bytes", "-1")])
 def test_bad_budget_flags_are_refused(args, capsys):
     from krserve_worker.worker import parse_args
 

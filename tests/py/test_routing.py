@@ -55,7 +55,7 @@ def turn(server, ref, clean, msgs):
 
 def test_workers_size_their_default_budget(server):
     """With the default --prompt-cache-bytes, krserve up passes each worker
-    --prompt-cache-share 2 and the workers size their budgets themselves (on
+    --device-share 2 and the workers size their budgets themselves (on
     the CPU: an eighth of physical memory, split between the two); /stats
     shows what each worker's hello advertised."""
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

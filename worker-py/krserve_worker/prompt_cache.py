@@ -78,7 +78,7 @@ def default_budget(kind: str, device_memory: int, physical_memory: int,
     ``kind`` is ``"cuda"`` for a GPU with memory of its own (mlx's CUDA
     backend), anything else (``"cpu"``, ``"metal"``) for memory shared with
     the system. ``share`` workers of the model run on this device (the
-    supervisor's ``--prompt-cache-share``).
+    supervisor's ``--device-share``).
 
     - A CUDA GPU: half of ``device_memory`` (the GPU's total), less the
       weights of the ``share`` workers (``weights_bytes`` each), split among
@@ -107,21 +107,10 @@ def default_budget(kind: str, device_memory: int, physical_memory: int,
 def device_budget(model, share: int, physical_memory: int) -> Budget:
     """``default_budget`` for the loaded ``model`` on mlx's default device
     (called on the MLX thread, after the model is loaded)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+    from . import device
 
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    kind, memory = "cpu", 0
-    if mx.default_device().type == mx.gpu:
-        kind = "metal" if mx.metal.is_available() else "cuda"
-    if kind == "cuda":
-        try:
-            info = mx.device_info()
-        except Exception:  # an mlx that cannot say: the physical-memory rule
-            info = {}
-        # mlx 0.32's CUDA backend says total_memory; Metal's says memory_size.
-        memory = int(info.get("total_memory") or info.get("memory_size") or 0)
-    return default_budget(kind, memory, physical_memory, weights, share)
+    dev = device.current()
+    return default_budget(dev.kind, dev.memory, physical_memory, device.weights_bytes(model), share)
 
 
 def _linear_trie():

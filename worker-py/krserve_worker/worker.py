@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 
-from . import __version__, blas, faults, grammar, protocol, tools
+from . import __version__, blas, device, faults, grammar, protocol, tools
 from .channel import FrameReader, FrameWriter
 from .params import InvalidPrompt, InvalidRequest, parse_gen
 from .prompt_cache import (Followers, PromptCache, copy_cache, device_budget, prefill,
@@ -92,13 +92,15 @@ def parse_args(argv):
                     help="bytes of KV cache the prompt cache and the running sequences may "
                          "hold together; 0 turns the prompt cache off. Default, decided "
                          "once the model is loaded: on a CUDA GPU half of the GPU's memory "
-                         "less the weights of the --prompt-cache-share workers, split among "
+                         "less the weights of the --device-share workers, split among "
                          "them (0, cache off, if the weights take that half); elsewhere (the "
                          "CPU, Apple silicon's unified memory) an eighth of physical memory "
                          "split among them")
-    ap.add_argument("--prompt-cache-share", type=int, default=1, metavar="N",
-                    help="workers of this model sharing the device's memory, for the default "
-                         "--prompt-cache-bytes (krserve up passes its --workers; default 1)")
+    ap.add_argument("--device-share", type=int, default=1, metavar="N",
+                    help="workers of this model sharing the device's memory (krserve up "
+                         "passes its --workers; default 1): the default --prompt-cache-bytes "
+                         "is split among them, and on a CUDA GPU so is mlx's memory limit "
+                         "(0.8 of the GPU's memory, its own default for one process)")
     from . import ranks
 
     ranks.add_args(ap)
@@ -108,8 +110,8 @@ def parse_args(argv):
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.prompt_cache_bytes is not None and args.prompt_cache_bytes < 0:
         ap.error("--prompt-cache-bytes must be >= 0")
-    if args.prompt_cache_share < 1:
-        ap.error("--prompt-cache-share must be >= 1")
+    if args.device_share < 1:
+        ap.error("--device-share must be >= 1")
     return args
 
 
@@ -1087,9 +1089,10 @@ def main(argv, proto_in: int, proto_out: int) -> int:
             args.prefill_step = default_prefill_step(on_cpu)
         weights = dequantize_for_cpu(model, args.dequantize, on_cpu=on_cpu,
                                      fast_blas=blas_info.startswith("OpenBLAS"))
+        limits = device.apply_memory_limit(device.current(), args.device_share)
         budget = None
         if args.prompt_cache_bytes is None:  # the default: by the device, now known
-            budget = device_budget(model, args.prompt_cache_share, _physical_memory())
+            budget = device_budget(model, args.device_share, _physical_memory())
             args.prompt_cache_bytes = budget.bytes
     except Exception as e:
         return fatal(f"failed to load model from {args.model!r}: {type(e).__name__}: {e}",
@@ -1097,6 +1100,8 @@ def main(argv, proto_in: int, proto_out: int) -> int:
     log(f"loaded {args.model} in {time.monotonic() - t0:.2f}s: vocab {vocab}, ctx {ctx}, "
         f"eos {sorted(tokenizer.eos_token_ids)}; {mx.default_device()}, BLAS: {blas_info}; "
         f"weights: {weights}; prefill step {args.prefill_step}")
+    if limits:
+        log(limits)
     if budget is not None:
         log(f"prompt cache budget: {budget.rule}")
 
