@@ -147,6 +147,7 @@ type Metrics struct {
 	PrefixCacheHits      prometheus.Counter
 	PrefixCacheEvictions prometheus.Counter
 	PromptCacheBytes     *prometheus.GaugeVec // worker
+	PromptCacheBudget    *prometheus.GaugeVec // worker
 
 	BatchSize           *prometheus.GaugeVec // worker
 	BatchTargetSize     prometheus.Gauge
@@ -292,6 +293,8 @@ func newOn(registry *prometheus.Registry, model ModelInfo, build BuildInfo) *Met
 		"Entries the workers' prompt caches evicted to stay within their byte budget.")
 	m.PromptCacheBytes = gaugeVec("prompt_cache_bytes",
 		"Bytes of KV state a worker's prompt cache holds (from its last heartbeat).", "worker")
+	m.PromptCacheBudget = gaugeVec("prompt_cache_budget_bytes",
+		"Bytes of KV state a worker's prompt cache and running sequences may hold together, as its hello advertised (0: no cache).", "worker")
 
 	// Batching and the autotuner.
 	m.BatchSize = gaugeVec("batch_size",

@@ -39,6 +39,7 @@ var wantFamilies = map[string]dto.MetricType{
 	"krserve_prefix_cache_hits_total":       dto.MetricType_COUNTER,
 	"krserve_prefix_cache_evictions_total":  dto.MetricType_COUNTER,
 	"krserve_prompt_cache_bytes":            dto.MetricType_GAUGE,
+	"krserve_prompt_cache_budget_bytes":     dto.MetricType_GAUGE,
 	"krserve_batch_size":                    dto.MetricType_GAUGE,
 	"krserve_batch_target_size":             dto.MetricType_GAUGE,
 	"krserve_batch_window_wait_seconds":     dto.MetricType_HISTOGRAM,
@@ -73,6 +74,7 @@ func touch(m *Metrics) {
 	m.WorkerUp.WithLabelValues("0").Set(1)
 	m.WorkerMemory.WithLabelValues("0", "rss").Set(1 << 30)
 	m.PromptCacheBytes.WithLabelValues("0").Set(1 << 20)
+	m.PromptCacheBudget.WithLabelValues("0").Set(1 << 30)
 	m.WorkerRankUp.WithLabelValues("0", "1").Set(1)
 	m.WorkerRankMemory.WithLabelValues("0", "1").Set(1 << 29)
 	m.WorkerExits.WithLabelValues("SIGSEGV", "").Inc()

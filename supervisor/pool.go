@@ -382,6 +382,7 @@ func (p *Pool) start(ctx context.Context, s *slotState, log *slog.Logger) (*Grou
 		s.lastPong = p.now()
 		s.budget = m.CacheBytes
 		s.mu.Unlock()
+		p.m.PromptCacheBudget.WithLabelValues(strconv.Itoa(s.id)).Set(float64(m.CacheBytes))
 		log.Info("worker ready", "pid", proc.PID, "model", m.Model, "load_seconds", time.Since(t0).Seconds(), "context_length", m.Ctx, "versions", m.Versions, "prompt_cache_bytes", m.CacheBytes)
 		return proc, nil
 	case <-proc.Done():

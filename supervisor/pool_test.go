@@ -628,6 +628,9 @@ func TestPoolPassesEachHellosCacheBudget(t *testing.T) {
 	if b := slot0(p).CacheBudget; b != 8000 {
 		t.Errorf("status budget %d, want 8000", b)
 	}
+	if g := metricValue(t, p.m.PromptCacheBudget.WithLabelValues("0")); g != 8000 {
+		t.Errorf("budget gauge %v, want 8000", g)
+	}
 	if h := p.Hello(); h == nil || h.CacheBytes != 8000 {
 		t.Errorf("hello %+v", h)
 	}
@@ -647,6 +650,9 @@ func TestPoolPassesEachHellosCacheBudget(t *testing.T) {
 	}
 	if b := slot0(p).CacheBudget; b != 0 {
 		t.Errorf("status budget %d for a process without a cache", b)
+	}
+	if g := metricValue(t, p.m.PromptCacheBudget.WithLabelValues("0")); g != 0 {
+		t.Errorf("budget gauge %v for a process without a cache", g)
 	}
 }
 
