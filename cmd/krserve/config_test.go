@@ -205,7 +205,7 @@ func TestWorkerArgsPromptCache(t *testing.T) {
 			}
 		})
 	}
-	if physicalMemory() <= 0 {
-		t.Errorf("physicalMemory() = %d on this machine (the --help text shows its eighth)", physicalMemory())
+	if models.PhysicalMemory() <= 0 {
+		t.Errorf("models.PhysicalMemory() = %d on this machine (the --help text shows its eighth)", models.PhysicalMemory())
 	}
 }

@@ -159,7 +159,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.Int64Var(&c.PromptCacheBytes, "prompt-cache-bytes", -1, fmt.Sprintf("bytes of KV state each worker's prompt cache and its running sequences may hold together "+
 		"(-1: each worker sizes it by the memory its KV cache lives in, once the model is loaded: on a CUDA GPU half of the GPU's memory less the weights of the model's workers, "+
 		"split among them, 0 (off) if the weights take that half; elsewhere (the CPU, Apple silicon) an eighth of physical memory, %s here, split among them; "+
-		"0: no prompt cache, and --routing is least-loaded)", gib(physicalMemory()/8)))
+		"0: no prompt cache, and --routing is least-loaded)", gib(models.PhysicalMemory()/8)))
 	f.StringVar(&c.API.ModelName, "served-model-name", "default", "model id clients use for a --model given without NAME= (the model path is accepted too)")
 	f.IntVar(&c.API.MaxTokens, "max-tokens-cap", c.API.MaxTokens, "largest max_tokens a request may ask for")
 	f.IntVar(&c.API.DefaultMaxTokens, "default-max-tokens", c.API.DefaultMaxTokens, "max_tokens when a request names none")
