@@ -34,8 +34,6 @@ the copies re-checked instead of silently running stale ones.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import time
 
 import mlx.core as mx
@@ -49,16 +47,7 @@ NEXT_SHA256 = "eb3a4e361dc2c19eafd28e901155828fd4602d63e26c431ca9ffbf079302c665"
 
 def next_unsupported() -> str:
     """Why ``Generator._next`` cannot replace the installed mlx-lm's ("" if it can)."""
-    import mlx_lm
-
-    try:
-        src = inspect.getsource(BatchGenerator._next)
-    except (OSError, TypeError) as e:
-        return f"mlx-lm {mlx_lm.__version__}: BatchGenerator._next's source is not readable ({e})"
-    if hashlib.sha256(src.encode()).hexdigest() != NEXT_SHA256:
-        return (f"mlx-lm {mlx_lm.__version__}'s BatchGenerator._next is not the one "
-                "krserve_worker.batchgen was written against (0.32.2)")
-    return ""
+    return batchmask.source_differs(BatchGenerator._next, NEXT_SHA256, "BatchGenerator._next", "batchgen")
 
 
 class Generator(BatchGenerator):

@@ -56,18 +56,25 @@ from .grammar import BatchMasker, GrammarProcessor
 GENERATION_BATCH_SHA256 = "af6d7dee4ec6091ef209ff86a52e2c2d2c3dd79d5386ed9c00da13b2b4597698"
 
 
-def unsupported() -> str:
-    """Why the batched step cannot be used with the installed mlx-lm ("" if it can)."""
+def source_differs(obj, sha256: str, name: str, copier: str) -> str:
+    """Why a copy of mlx-lm's ``obj`` (``name``) in module ``copier`` does not
+    fit the installed mlx-lm: its source is not readable or its sha256 is not
+    ``sha256``, the one the copy was written against ("" if it fits)."""
     import mlx_lm
 
     try:
-        src = inspect.getsource(GenerationBatch)
+        src = inspect.getsource(obj)
     except (OSError, TypeError) as e:
-        return f"mlx-lm {mlx_lm.__version__}: GenerationBatch's source is not readable ({e})"
-    if hashlib.sha256(src.encode()).hexdigest() != GENERATION_BATCH_SHA256:
-        return (f"mlx-lm {mlx_lm.__version__}'s GenerationBatch is not the one "
-                "krserve_worker.batchmask was written against (0.32.2)")
+        return f"mlx-lm {mlx_lm.__version__}: {name}'s source is not readable ({e})"
+    if hashlib.sha256(src.encode()).hexdigest() != sha256:
+        return (f"mlx-lm {mlx_lm.__version__}'s {name} is not the one "
+                f"krserve_worker.{copier} was written against (0.32.2)")
     return ""
+
+
+def unsupported() -> str:
+    """Why the batched step cannot be used with the installed mlx-lm ("" if it can)."""
+    return source_differs(GenerationBatch, GENERATION_BATCH_SHA256, "GenerationBatch", "batchmask")
 
 
 class MaskingGenerationBatch(GenerationBatch):
