@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import queue
-import threading
 import time
 from types import SimpleNamespace
 
@@ -105,9 +104,9 @@ def test_reader_counts_gens_until_they_are_queued(tiny_model):
     assert kind == "msgs" and [m["id"] for m in msgs] == [1, 2]
     assert seen == [2, 2]
     assert shared.tokenizing == 0
-    os.close(w_in)
+    os.close(w_in)  # EOF: the reader queues an exit and ends
     assert q.get(timeout=30)[0] == "exit"
-    threading.Thread(target=lambda: os.read(r_out, 1 << 16), daemon=True).start()
     reader.join(timeout=30)
+    assert not reader.is_alive()
     for fd in (r_in, r_out, w_out):
         os.close(fd)
