@@ -192,19 +192,34 @@ def test_resume_at_every_point_delivers_exactly_the_rest(text):
 def test_cut_short_ends_the_call_with_what_was_generated():
     """max_tokens or a stop string ends the output inside a call: a call whose
     header went out ends with its arguments as far as they were generated;
-    before its name is complete it is content, as for whole calls."""
+    one cut before its name is complete (inside its start marker too) is
+    dropped, never content: the grammar writes nothing but calls. After a
+    whole call, a second one cut that early leaves the first as it was."""
     args = '{"city":"Paris"}'
     name_end = WEATHER.index('"get_weather"') + len('"get_weather"')
     args_at = WEATHER.index(args)
     for k in range(len(WEATHER)):
-        content, entries = feed(tools.CallStream(tools.FALLBACK, [], stream=True), list(WEATHER[:k]))
-        if k < name_end:
-            assert entries == [] and content == WEATHER[:k]  # nothing lost
-            continue
+        cs = tools.CallStream(tools.FALLBACK, [], stream=True)
+        content, entries = feed(cs, list(WEATHER[:k]))
         assert content == ""
+        assert cs.cut == (0 < k < WEATHER.index("\n" + tools.END))  # (then whole, its end marker cut)
+        if k < name_end:
+            assert entries == []
+            continue
         calls = assemble(entries)
         assert [c["name"] for c in calls] == ["get_weather"]
         assert calls[0]["arguments"] == args[:max(0, k - args_at)]
+
+
+def test_a_second_call_cut_in_its_start_marker_is_not_content():
+    """What `make up` showed: parallel calls cut by max_tokens in the next
+    call's start marker gave content "\n<tool"."""
+    second = TWO.index("\n<tool_call>", 1)
+    for k in range(second + 2, second + 1 + len(tools.START) + 12):  # from its "<"
+        cs = tools.CallStream(tools.FALLBACK, [], stream=True)
+        content, entries = feed(cs, list(TWO[:k]))
+        assert content == "" and cs.cut, k
+        assert [c["name"] for c in assemble(entries)] == ["get_weather"]
 
 
 def test_an_end_marker_inside_a_string_does_not_end_the_call():
@@ -300,7 +315,8 @@ def test_cut_says_whether_the_output_ended_inside_a_call(text, stream):
     for k in range(len(text) + 1):
         cs = tools.CallStream(tools.FALLBACK, [], stream=stream)
         content, entries = feed(cs, list(text[:k]))
-        want = any(b <= k < c for b, c in opened)
+        # Streamed calls: inside a start marker is a call cut too.
+        want = any((b - len(tools.START) < k if stream else b <= k) and k < c for b, c in opened)
         assert cs.cut == want, (k, text[:k])
         if not stream:
             continue

@@ -395,11 +395,14 @@ class CallStream:
     only what may be the call's closing (``_closing_at``). The fragments
     assemble to ``raw_call``'s arguments, as the whole call would give. A call
     cut short (``max_tokens``, a stop string) ends with its arguments as far
-    as they were generated.
+    as they were generated; one cut before its name was complete (or inside
+    its start marker) is dropped: the grammar writes nothing but calls, so
+    that text is no one's content.
 
     ``cut``: the output ended inside a call that is not whole (cut before its
     end marker, and its text so far is not a complete call: a call reported
-    with its arguments as far as they went, or text passed on as content).
+    with its arguments as far as they went, a whole call's text passed on as
+    content, a streamed call dropped before its name).
     The front door then keeps the finish reason (``stop``, ``length``) rather
     than ``tool_calls``.
 
@@ -557,6 +560,11 @@ class CallStream:
                 if not self._close(body, calls) and not closed:
                     self.cut = True
                 return
+            if not closed:
+                # Cut before its name was complete: the grammar writes
+                # nothing but calls, so this is no one's content.
+                self.ws, self.cut = "", True
+                return
         try:
             parsed = self._parse(body)
         except Exception:
@@ -587,9 +595,15 @@ class CallStream:
                     self.buf = self.buf[i + len(start):]
                     self.in_call = True
                     continue
-                keep = 0 if final else self._held(self.buf)
+                keep = self._held(self.buf)
+                if final and not self.stream:
+                    keep = 0  # free text may end like a marker's beginning
                 self._content(self.buf[:len(self.buf) - keep], content)
                 self.buf = self.buf[len(self.buf) - keep:]
+                if final and keep:
+                    # Streamed calls: the output ended inside a start marker,
+                    # a call cut short before it began; not content.
+                    self.buf, self.cut = "", True
                 break
             j = self.buf.find(end, self.end_from) if end else -1
             if j >= 0 and self.strings.inside(self.buf, j):
