@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -184,7 +185,7 @@ func TestWorkerArgsPromptCache(t *testing.T) {
 				t.Fatal(err)
 			}
 			spec := models.Spec{Name: "m", Path: "/models/m", Workers: tc.workers, GroupSize: tc.size}
-			args := workerArgs(c, spec, 8, 8)
+			args := workerArgs(c, spec, 8, 8, tc.workers)
 			if !slices.Equal(args[:4], []string{"-m", "krserve_worker", "--model", "/models/m"}) {
 				t.Fatalf("args %q", args)
 			}
@@ -207,5 +208,35 @@ func TestWorkerArgsPromptCache(t *testing.T) {
 	}
 	if models.PhysicalMemory() <= 0 {
 		t.Errorf("models.PhysicalMemory() = %d on this machine (the --help text shows its eighth)", models.PhysicalMemory())
+	}
+}
+
+// deviceShare counts the workers of every model that may be loaded at once:
+// all of them, or those of the --max-loaded-models models with the most.
+func TestDeviceShare(t *testing.T) {
+	spec := func(workers ...int) []models.Spec {
+		var out []models.Spec
+		for i, w := range workers {
+			out = append(out, models.Spec{Name: fmt.Sprint(i), Workers: w})
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name      string
+		specs     []models.Spec
+		maxLoaded int
+		want      int
+	}{
+		{"one model", spec(2), 0, 2},
+		{"two models", spec(2, 1), 0, 3},
+		{"three, two at once", spec(1, 3, 2), 2, 5},
+		{"limit above the models", spec(1, 1), 5, 2},
+		{"one at a time", spec(1, 4, 2), 1, 4},
+		{"workers 0 counts as 1", spec(0), 0, 1},
+		{"no models", nil, 0, 1},
+	} {
+		if got := deviceShare(tc.specs, tc.maxLoaded); got != tc.want {
+			t.Errorf("%s: deviceShare = %d, want %d", tc.name, got, tc.want)
+		}
 	}
 }

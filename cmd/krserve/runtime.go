@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -68,6 +69,31 @@ type modelBuilder struct {
 	log    *slog.Logger
 	parts  map[string]modelParts
 	hosts  *supervisor.Hosts // --hostfile: where each group's ranks run (nil: all here)
+	// deviceShare: the most workers of all models that run at once on this
+	// machine's device (deviceShare), passed to each as --device-share.
+	deviceShare int
+}
+
+// deviceShare is how many workers, of all the models, may hold memory on the
+// device at once: every model's workers, or, with --max-loaded-models N, the
+// workers of the N models with the most. Each worker sizes its default cache
+// budget and (on a CUDA GPU) mlx's memory limit by it, so that models loaded
+// side by side do not each plan for the whole device.
+func deviceShare(specs []models.Spec, maxLoaded int) int {
+	n := make([]int, 0, len(specs))
+	for _, s := range specs {
+		n = append(n, max(s.Workers, 1))
+	}
+	slices.Sort(n)
+	slices.Reverse(n)
+	if maxLoaded > 0 && maxLoaded < len(n) {
+		n = n[:maxLoaded]
+	}
+	total := 0
+	for _, k := range n {
+		total += k
+	}
+	return max(total, 1)
 }
 
 // load is the models.Loader: it starts the model's workers and returns once
@@ -123,7 +149,7 @@ func (b *modelBuilder) load(ctx context.Context, spec models.Spec) (models.Insta
 		}
 	}
 	pcfg.Command = func(slot int) supervisor.Command {
-		args := workerArgs(c, spec, maxB, prefillBatch)
+		args := workerArgs(c, spec, maxB, prefillBatch, max(b.deviceShare, spec.Workers))
 		if c.WorkerExec != "" {
 			return supervisor.Command{Path: c.WorkerExec, Env: env, Args: args[2:]}
 		}
@@ -178,16 +204,17 @@ func promptCacheSetting(c upConfig, spec models.Spec) (budget string, off bool) 
 
 // workerArgs is the command line of one of the model's workers (after the
 // Python interpreter): -m krserve_worker and its flags.
-func workerArgs(c upConfig, spec models.Spec, maxB, prefillBatch int) []string {
+func workerArgs(c upConfig, spec models.Spec, maxB, prefillBatch, share int) []string {
 	args := []string{"-m", "krserve_worker", "--model", spec.Path,
 		"--max-batch", strconv.Itoa(maxB),
 		"--prefill-batch", strconv.Itoa(prefillBatch), "--dequantize", c.Dequantize}
 	if c.PrefillStep > 0 { // else the worker picks by its device
 		args = append(args, "--prefill-step", strconv.Itoa(c.PrefillStep))
 	}
-	// The model's workers share their device's memory: each sizes its
-	// default cache budget (and on a CUDA GPU mlx's memory limit) by it.
-	args = append(args, "--device-share", strconv.Itoa(spec.Workers))
+	// The workers of all models loaded at once share the device's memory:
+	// each sizes its default cache budget (and on a CUDA GPU mlx's memory
+	// limit) by their number.
+	args = append(args, "--device-share", strconv.Itoa(share))
 	switch {
 	case spec.GroupSize > 1: // not yet kept in step across a group's ranks: off
 		args = append(args, "--prompt-cache-bytes", "0")

@@ -157,7 +157,7 @@ func newUpCmdFor(cp *upConfig) *cobra.Command {
 	f.IntVar(&c.PrefillBatch, "prefill-batch", 0, "prompts a worker prefills in one step (0: as many as it decodes at once, so a burst of arrivals is prefilled together; less: shorter stalls of running streams)")
 	f.StringVar(&c.Dequantize, "dequantize", "auto", "auto, on or off: workers hold a quantized model's weights as float32 (auto: on mlx's CPU device with OpenBLAS, when they fit in a quarter of memory; float32 matmuls are far faster there than quantized ones)")
 	f.Int64Var(&c.PromptCacheBytes, "prompt-cache-bytes", -1, fmt.Sprintf("bytes of KV state each worker's prompt cache and its running sequences may hold together "+
-		"(-1: each worker sizes it by the memory its KV cache lives in, once the model is loaded: on a CUDA GPU half of the GPU's memory less the weights of the model's workers, "+
+		"(-1: each worker sizes it by the memory its KV cache lives in, once the model is loaded: on a CUDA GPU half of the GPU's memory less the weights of the workers of every model that may be loaded at once, "+
 		"split among them, 0 (off) if the weights take that half; elsewhere (the CPU, Apple silicon) an eighth of physical memory, %s here, split among them; "+
 		"0: no prompt cache, and --routing is least-loaded)", gib(models.PhysicalMemory()/8)))
 	f.StringVar(&c.API.ModelName, "served-model-name", "default", "model id clients use for a --model given without NAME= (the model path is accepted too)")
@@ -421,7 +421,8 @@ func runUp(parent context.Context, c upConfig) error {
 	}
 	mset := m.Models(names, models.States, models.LoadResults, models.EvictReasons)
 	mset.Budget.Set(float64(budget))
-	builder := &modelBuilder{c: c, python: python, env: env, log: log, parts: parts, hosts: hosts}
+	builder := &modelBuilder{c: c, python: python, env: env, log: log, parts: parts, hosts: hosts,
+		deviceShare: deviceShare(specs, maxLoaded)}
 	mgr, err := models.New(models.Config{
 		Models: specs, Load: builder.load, MemoryBudget: budget, MaxLoaded: maxLoaded, MaxWaiting: c.ModelMaxWaiting,
 		LoadTimeout: c.LoadTimeout, MinResidency: c.MinResidency, AgeCap: c.SwapAgeCap, Log: log,

@@ -77,8 +77,9 @@ def default_budget(kind: str, device_memory: int, physical_memory: int,
 
     ``kind`` is ``"cuda"`` for a GPU with memory of its own (mlx's CUDA
     backend), anything else (``"cpu"``, ``"metal"``) for memory shared with
-    the system. ``share`` workers of the model run on this device (the
-    supervisor's ``--device-share``).
+    the system. ``share`` workers run on this device (the supervisor's
+    ``--device-share``: those of every model that may be loaded at once, each
+    counted as holding weights like this one's).
 
     - A CUDA GPU: half of ``device_memory`` (the GPU's total), less the
       weights of the ``share`` workers (``weights_bytes`` each), split among

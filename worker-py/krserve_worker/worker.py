@@ -97,8 +97,8 @@ def parse_args(argv):
                          "CPU, Apple silicon's unified memory) an eighth of physical memory "
                          "split among them")
     ap.add_argument("--device-share", type=int, default=1, metavar="N",
-                    help="workers of this model sharing the device's memory (krserve up "
-                         "passes its --workers; default 1): the default --prompt-cache-bytes "
+                    help="workers sharing the device's memory (krserve up passes those of "
+                         "every model that may be loaded at once; default 1): the default --prompt-cache-bytes "
                          "is split among them, and on a CUDA GPU so is mlx's memory limit "
                          "(0.8 of the GPU's memory, its own default for one process)")
     from . import ranks
