@@ -15,7 +15,7 @@
    step, and the next call returns right after its decode step, which
    carries their first tokens (a call returns its tokens only when it ends,
    so the decode step must end a call before the prefill). The waiting
-   prompts' prefill starts two decode steps later (~10-40 ms each). The call
+   prompts' prefill starts up to two decode steps later (~10-40 ms each). The call
    after such a decode step does not hold its prefill back again, so a
    stream of fully cached arrivals cannot starve a long prefill.
    mlx_lm.server uses the same generator and has the same wait.
