@@ -5,11 +5,16 @@ long prefill. On the tiny random model (scripts/make_tiny_model.py), greedy."""
 
 from __future__ import annotations
 
+import pytest
 from mlx_lm.generate import BatchGenerator
 
 from krserve_worker import batchgen
 
 STEP = 16  # prefill step: B's 64 prompt tokens take four steps
+
+
+def ALWAYS(*_):  # send first tokens first whenever it can (the policy aside)
+    return True
 
 
 def test_mlx_lm_is_the_one_next_was_written_against():
@@ -72,7 +77,7 @@ def test_first_token_before_the_next_prefill_step(ref):
     kw = dict(stop_tokens=[], prefill_step_size=STEP, prefill_batch_size=8, completion_batch_size=8)
 
     (ua, ub), theirs = _events(BatchGenerator(model, **kw), [a, b])
-    (va, vb), ours = _events(batchgen.Generator(model, **kw), [a, b])
+    (va, vb), ours = _events(batchgen.Generator(model, worth=ALWAYS, **kw), [a, b])
 
     assert _prefill_steps_until(theirs, ub, _first_token_call(theirs, ua)) == 3
     assert _prefill_steps_until(ours, vb, _first_token_call(ours, va)) == 1
@@ -98,7 +103,7 @@ def test_arrivals_do_not_starve_a_long_prefill(ref):
     B's four steps take at most twelve calls."""
     model, tok = ref
     _, b = _prompts(tok)
-    gen = batchgen.Generator(model, stop_tokens=[], prefill_step_size=STEP,
+    gen = batchgen.Generator(model, worth=ALWAYS, stop_tokens=[], prefill_step_size=STEP,
                              prefill_batch_size=32, completion_batch_size=32)
     (ub,) = gen.insert([b], max_tokens=[2])
     steps, calls = 0, 0
@@ -119,3 +124,35 @@ def test_worker_generator_has_both(ref):
     assert isinstance(gen, batchgen.Generator) and gen.first_tokens_first
     assert "first tokens before the next prefill: yes" in note
     assert "per row (no llguidance)" in note
+
+
+@pytest.mark.parametrize("moved, waiting, next_tokens, per_token, decode, want", [
+    # The H200 trace: 8 moved, 7 waiting for a ~6,000-token step at ~7k tokens/s,
+    # decode steps ~25 ms: sending first saves far more than it costs.
+    (8, 7, 6000, 1 / 7000, 0.025, True),
+    # One ahead, 15 waiting for ~12,000 tokens: 1.5 s sooner for one, 50 ms for 15.
+    (1, 15, 12000, 1 / 8000, 0.025, True),
+    # The CPU with short prompts: a 35-token step is shorter than two decode steps.
+    (1, 1, 35, 0.001, 0.08, False),
+    (4, 4, 35 * 4, 0.001, 0.08, False),
+    # Nothing measured yet: as mlx-lm.
+    (8, 7, 6000, None, 0.025, False),
+    (8, 7, 6000, 1 / 7000, None, False),
+    (0, 7, 6000, 1 / 7000, 0.025, False),
+])
+def test_worth_sending_first(moved, waiting, next_tokens, per_token, decode, want):
+    assert batchgen.worth_sending_first(moved, waiting, next_tokens, per_token, decode) is want
+
+
+def test_estimates_follow_the_steps(ref):
+    """The generator measures its steps (seconds per prefill token, per decode
+    step), and with nothing measured yet its first split is mlx-lm's."""
+    model, tok = ref
+    a, b = _prompts(tok)
+    kw = dict(stop_tokens=[], prefill_step_size=STEP, prefill_batch_size=8, completion_batch_size=8)
+    _, theirs = _events(BatchGenerator(model, **kw), [a, b])
+    gen = batchgen.Generator(model, **kw)
+    assert gen.prefill_s_per_token is None and gen.decode_s is None
+    _, ours = _events(gen, [a, b])
+    assert ours[:2] == theirs[:2]  # the first split (call 2): no decode step measured yet
+    assert gen.prefill_s_per_token > 0 and gen.decode_s > 0

@@ -15,10 +15,16 @@
    step, and the next call returns right after its decode step, which
    carries their first tokens (a call returns its tokens only when it ends,
    so the decode step must end a call before the prefill). The waiting
-   prompts' prefill starts up to two decode steps later (~10-40 ms each). The call
-   after such a decode step does not hold its prefill back again, so a
-   stream of fully cached arrivals cannot starve a long prefill.
-   mlx_lm.server uses the same generator and has the same wait.
+   prompts' prefill starts up to two decode steps later (~10-40 ms each), so
+   it is done only when it pays (``worth_sending_first``): when the first
+   tokens it sends earlier save more waiting (the prompts moved, times the
+   prefill step's estimated time) than it costs (the prompts waiting, times
+   two decode steps), from the generator's own recent step times. On the CPU
+   with short prompts a prefill step is shorter than two decode steps, and
+   holding it back raised the P95 time to first token by a sixth (docs/
+   benchmarks.md). The call after such a decode step does not hold its
+   prefill back again, so a stream of fully cached arrivals cannot starve a
+   long prefill. mlx_lm.server uses the same generator and has the same wait.
 
 2. **Grammar masks batched** (``batchmask.MaskingGenerationBatch``, with a
    ``grammar.BatchMasker``): the decode batch masks every constrained row in
@@ -45,6 +51,26 @@ from . import batchmask
 NEXT_SHA256 = "eb3a4e361dc2c19eafd28e901155828fd4602d63e26c431ca9ffbf079302c665"
 
 
+# Weight of the newest step time in the generator's running estimates.
+EMA = 0.2
+
+
+def worth_sending_first(moved: int, waiting: int, next_tokens: int,
+                        prefill_s_per_token: float | None, decode_s: float | None) -> bool:
+    """Whether to send the first tokens of the ``moved`` prompts (one decode
+    step, ending a call) before the next prefill step of ``next_tokens``
+    tokens of the ``waiting`` ones: the moved prompts then wait that step
+    less, the waiting ones up to two decode steps more. Unknown step times
+    (nothing measured yet): no, as mlx-lm."""
+    if prefill_s_per_token is None or decode_s is None or moved < 1:
+        return False
+    return moved * next_tokens * prefill_s_per_token > waiting * 2 * decode_s
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else old + EMA * (new - old)
+
+
 def next_unsupported() -> str:
     """Why ``Generator._next`` cannot replace the installed mlx-lm's ("" if it can)."""
     return batchmask.source_differs(BatchGenerator._next, NEXT_SHA256, "BatchGenerator._next", "batchgen")
@@ -56,9 +82,13 @@ class Generator(BatchGenerator):
     The generator keeps its decode batch object: rows join it by ``extend``
     and leave it by ``filter``, so a masking batch stays one."""
 
-    def __init__(self, model, masker=None, first_tokens_first: bool = True, **kwargs):
+    def __init__(self, model, masker=None, first_tokens_first: bool = True,
+                 worth=worth_sending_first, **kwargs):
         super().__init__(model, **kwargs)
         self.first_tokens_first = first_tokens_first
+        self.worth = worth  # (moved, waiting, next_tokens, s per prefill token, s per decode step)
+        self.prefill_s_per_token: float | None = None  # recent step times (EMA)
+        self.decode_s: float | None = None
         # The last call moved prompts to decoding and returned before the
         # prefill step of the others: this call returns after its decode
         # step, which sends their first tokens.
@@ -86,6 +116,7 @@ class Generator(BatchGenerator):
         if len(self._generation_batch) > 0:
             tic = time.perf_counter()
             generation_responses = self._generation_batch.next()
+            self.decode_s = _ema(self.decode_s, time.perf_counter() - tic)  # krserve
             self._counters.decode_time += time.perf_counter() - tic
             self._counters.generation_tokens += len(generation_responses)
             self._counters.generation_steps += 1
@@ -141,8 +172,12 @@ class Generator(BatchGenerator):
         # prompts still waiting (unless the last call was such a step: a
         # stream of arrivals cannot hold a long prefill back for good).
         if split and self._currently_processing and not sent_first:
-            self._send_first = True
-            return prompt_responses, generation_responses
+            next_tokens = sum(min(len(seq[0][0]), self.prefill_step_size)
+                              for seq in self._currently_processing)
+            if self.worth(len(split), len(self._currently_processing), next_tokens,
+                          self.prefill_s_per_token, self.decode_s):
+                self._send_first = True
+                return prompt_responses, generation_responses
 
         # Extract the next prompts input
         prompts = []
@@ -165,6 +200,9 @@ class Generator(BatchGenerator):
         self._counters.prompt_tokens += sum(len(p) for p in prompts)
         tic = time.perf_counter()
         self._prompt_batch.prompt(prompts)
+        if prompts:  # krserve
+            self.prefill_s_per_token = _ema(self.prefill_s_per_token,
+                                            (time.perf_counter() - tic) / max(1, sum(len(p) for p in prompts)))
         self._counters.prompt_time += time.perf_counter() - tic
 
         return prompt_responses, generation_responses
