@@ -156,3 +156,37 @@ def test_estimates_follow_the_steps(ref):
     _, ours = _events(gen, [a, b])
     assert ours[:2] == theirs[:2]  # the first split (call 2): no decode step measured yet
     assert gen.prefill_s_per_token > 0 and gen.decode_s > 0
+
+
+def test_a_follower_decides_with_rank_0s_estimates(ref):
+    """A group's ranks must make the same calls (their collectives pair up):
+    a generator that does not measure and is given rank 0's estimates before
+    each call decides exactly as rank 0, whatever its own clock says."""
+    model, tok = ref
+    a, b = _prompts(tok)
+    kw = dict(stop_tokens=[], prefill_step_size=STEP, prefill_batch_size=8, completion_batch_size=8)
+    asked = {"leader": [], "follower": []}
+
+    def worth(who):
+        def w(*args):
+            asked[who].append(args)
+            return batchgen.worth_sending_first(*args)
+        return w
+
+    leader = batchgen.Generator(model, worth=worth("leader"), **kw)
+    follower = batchgen.Generator(model, worth=worth("follower"), **kw)
+    follower.measures = False
+    # Estimates that make sending first pay, as on a GPU with long prompts.
+    leader.estimates = (1.0, 1e-6)
+    ua = leader.insert([a, b], max_tokens=[6, 6])
+    ub = follower.insert([a, b], max_tokens=[6, 6])
+    assert ua == ub
+    for _ in range(40):
+        follower.estimates = leader.estimates  # what ranks.Group.share carries
+        (lp, lg), (fp, fg) = leader.next(), follower.next()
+        assert [(r.uid, r.end_of_prompt) for r in lp] == [(r.uid, r.end_of_prompt) for r in fp]
+        assert [(r.uid, int(r.token)) for r in lg] == [(r.uid, int(r.token)) for r in fg]
+        if not lg and not leader._generation_batch and not leader._currently_processing and not leader._unprocessed_sequences:
+            break
+    assert asked["leader"] and asked["leader"] == asked["follower"]
+    assert leader.estimates != (1.0, 1e-6)  # the leader measured its steps

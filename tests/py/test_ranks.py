@@ -73,7 +73,7 @@ def test_items_travel_without_their_matcher():
 
 def test_link_round_trip():
     """One message per loop on the link: empty loops, gens (int map keys),
-    exit; EOF when rank 0 is gone."""
+    rank 0's step time estimates, exit; EOF when rank 0 is gone."""
     import socket
 
     a, b = socket.socketpair()
@@ -84,11 +84,12 @@ def test_link_round_trip():
     gen = {"t": "gen", "id": 7, "_prompt_ids": [1, 2, 3], "logit_bias": {5: -1.0}, "temperature": 0.5,
            "messages": [{"role": "user", "content": "héllo"}], CONSTRAINT: None}
     leader.share([], 0)
-    leader.share([("msgs", [gen])], 17)
+    leader.share([("msgs", [gen])], 17, (1 / 7000, 0.0123456789))
     leader.share([("exit", 0, "shutdown")], 2**60)
-    assert follower.receive() == (0, [])
-    assert follower.receive() == (17, [["msgs", [{k: v for k, v in gen.items() if k != CONSTRAINT}]]])
-    assert follower.receive() == (2**60, [["exit", 0, "shutdown"]])
+    assert follower.receive() == (0, [], (None, None))
+    assert follower.receive() == (17, [["msgs", [{k: v for k, v in gen.items() if k != CONSTRAINT}]]],
+                                  (1 / 7000, 0.0123456789))  # floats exactly
+    assert follower.receive() == (2**60, [["exit", 0, "shutdown"]], (None, None))
     a.close()
     assert follower.receive() is None
 
@@ -120,7 +121,9 @@ def test_a_follower_that_sampled_otherwise_exits():
 
     f = ranks.Follower.__new__(ranks.Follower)
     f.digest = b.digest
-    f.group = type("G", (), {"rank": 1, "receive": lambda self: (a.digest, [["msgs", []]])})()
+    f.gen = type("Gen", (), {"estimates": (None, None)})()
+    f.group = type("G", (), {"rank": 1, "receive": lambda self: (a.digest, [["msgs", []]], (None, None))})()
     assert f.take(idle=False) == [("exit", ranks.EXIT_DIVERGED, "diverged from rank 0")]
-    f.group.receive = lambda: (b.digest, [["msgs", []]])
+    f.group.receive = lambda: (b.digest, [["msgs", []]], (0.5, 0.25))
     assert f.take(idle=False) == [["msgs", []]]
+    assert f.gen.estimates == (0.5, 0.25)  # it decides with rank 0's step times

@@ -89,6 +89,11 @@ class Generator(BatchGenerator):
         self.worth = worth  # (moved, waiting, next_tokens, s per prefill token, s per decode step)
         self.prefill_s_per_token: float | None = None  # recent step times (EMA)
         self.decode_s: float | None = None
+        # Whether the step times are measured here. A group's followers do
+        # not measure: they take rank 0's estimates before each call
+        # (``estimates``), so every rank decides alike and their collectives
+        # stay in step (ranks.py).
+        self.measures = True
         # The last call moved prompts to decoding and returned before the
         # prefill step of the others: this call returns after its decode
         # step, which sends their first tokens.
@@ -100,9 +105,22 @@ class Generator(BatchGenerator):
             batch.masker = masker
             self._generation_batch = batch
 
+    @property
+    def estimates(self) -> tuple[float | None, float | None]:
+        """The step times the next call decides with: (seconds per prefill
+        token, seconds per decode step)."""
+        return self.prefill_s_per_token, self.decode_s
+
+    @estimates.setter
+    def estimates(self, est) -> None:
+        self.prefill_s_per_token, self.decode_s = est
+
     def _next(self):
         if not self.first_tokens_first:
             return super()._next()
+        # krserve: decide with the estimates as the call starts, which a
+        # group's followers are given (the steps below update them).
+        per_token, decode_s = self.estimates
         # mlx-lm 0.32.2's BatchGenerator._next, but for the block marked krserve.
         generation_responses = []
         prompt_responses = []
@@ -116,7 +134,8 @@ class Generator(BatchGenerator):
         if len(self._generation_batch) > 0:
             tic = time.perf_counter()
             generation_responses = self._generation_batch.next()
-            self.decode_s = _ema(self.decode_s, time.perf_counter() - tic)  # krserve
+            if self.measures:  # krserve
+                self.decode_s = _ema(self.decode_s, time.perf_counter() - tic)
             self._counters.decode_time += time.perf_counter() - tic
             self._counters.generation_tokens += len(generation_responses)
             self._counters.generation_steps += 1
@@ -174,8 +193,7 @@ class Generator(BatchGenerator):
         if split and self._currently_processing and not sent_first:
             next_tokens = sum(min(len(seq[0][0]), self.prefill_step_size)
                               for seq in self._currently_processing)
-            if self.worth(len(split), len(self._currently_processing), next_tokens,
-                          self.prefill_s_per_token, self.decode_s):
+            if self.worth(len(split), len(self._currently_processing), next_tokens, per_token, decode_s):
                 self._send_first = True
                 return prompt_responses, generation_responses
 
@@ -200,7 +218,7 @@ class Generator(BatchGenerator):
         self._counters.prompt_tokens += sum(len(p) for p in prompts)
         tic = time.perf_counter()
         self._prompt_batch.prompt(prompts)
-        if prompts:  # krserve
+        if prompts and self.measures:  # krserve
             self.prefill_s_per_token = _ema(self.prefill_s_per_token,
                                             (time.perf_counter() - tic) / max(1, sum(len(p) for p in prompts)))
         self._counters.prompt_time += time.perf_counter() - tic

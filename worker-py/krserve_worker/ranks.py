@@ -226,17 +226,20 @@ class Group:
 
     # -- every loop --
 
-    def share(self, items: list, digest: int) -> None:
+    def share(self, items: list, digest: int, estimates=(None, None)) -> None:
         """Rank 0: send this loop's queue items to every follower, with the
-        digest of every token it has sampled so far."""
-        data = msgpack.packb([digest, [_wire(i) for i in items]], use_bin_type=True)
+        digest of every token it has sampled so far and its generator's step
+        time estimates (batchgen.Generator.estimates): a decision made from
+        each rank's own clock would differ between ranks and take their
+        collectives out of step."""
+        data = msgpack.packb([digest, [_wire(i) for i in items], list(estimates)], use_bin_type=True)
         frame = struct.pack(">I", len(data)) + data
         for s in self.links:
             s.sendall(frame)
 
     def receive(self):
-        """A follower: rank 0's token digest and items for this loop
-        (blocking, asleep), or None when rank 0 is gone."""
+        """A follower: rank 0's token digest, items and step time estimates
+        for this loop (blocking, asleep), or None when rank 0 is gone."""
         head = self.link.read(4)
         if len(head) < 4:
             return None
@@ -244,8 +247,8 @@ class Group:
         data = self.link.read(n)
         if len(data) < n:
             return None
-        digest, items = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-        return digest, items
+        digest, items, estimates = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return digest, items, tuple(estimates)
 
     # -- the engine --
 
@@ -307,7 +310,7 @@ class Leader(_Digest, Worker):
     def take(self, idle: bool) -> list:
         items = super().take(idle)
         try:
-            self.group.share(items, self.digest)
+            self.group.share(items, self.digest, self.gen.estimates)
         except OSError as e:  # a follower died; the supervisor ends the group
             return [("exit", EXIT_GROUP_BROKEN, f"a follower is gone ({e!r})")]
         return items
@@ -320,12 +323,13 @@ class Follower(_Digest, Worker):
         super().__init__(*args, **kwargs)
         self.group = group
         self.reader = reader
+        self.gen.measures = False  # it decides with rank 0's (take)
 
     def take(self, idle: bool) -> list:
         got = self.group.receive()
         if got is None:
             return [("exit", EXIT_GROUP_BROKEN, "rank 0 is gone (its link closed)")]
-        digest, items = got
+        digest, items, self.gen.estimates = got
         if digest != self.digest:
             log(f"RankDivergedError: rank {self.group.rank} sampled other tokens than rank 0 "
                 f"(digest {self.digest:x}, rank 0's {digest:x}); exiting so the group restarts")
