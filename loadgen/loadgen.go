@@ -65,6 +65,9 @@ type Config struct {
 	Timeout time.Duration
 	// IgnoreEOS sends "ignore_eos": true (a krserve extension).
 	IgnoreEOS bool
+	// ResponseFormat, when set, is sent as response_format (a JSON object:
+	// structured output, e.g. to measure what a grammar costs).
+	ResponseFormat json.RawMessage
 	// Progress, when not nil, receives a one-line progress bar redrawn with
 	// '\r'.
 	Progress io.Writer
@@ -117,7 +120,9 @@ type RunInfo struct {
 	Temperature float64 `json:"temperature"`
 	Seed        *int    `json:"seed,omitempty"`
 	IgnoreEOS   bool    `json:"ignore_eos"`
-	Prompts     int     `json:"prompts"`
+	// ResponseFormat is the response_format sent, if any.
+	ResponseFormat json.RawMessage `json:"response_format,omitempty"`
+	Prompts        int             `json:"prompts"`
 }
 
 // Result is the outcome of a run. It is the JSON schema shared with
@@ -186,18 +191,19 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res := &Result{
 		Schema: SchemaVersion,
 		Run: RunInfo{
-			Engine:      "http",
-			URL:         cfg.URL,
-			Endpoint:    endpoint,
-			Model:       cfg.Model,
-			Chat:        cfg.Chat,
-			Concurrency: cfg.Concurrency,
-			Requests:    cfg.Requests,
-			MaxTokens:   cfg.MaxTokens,
-			Temperature: cfg.Temperature,
-			Seed:        cfg.Seed,
-			IgnoreEOS:   cfg.IgnoreEOS,
-			Prompts:     len(cfg.Prompts),
+			Engine:         "http",
+			URL:            cfg.URL,
+			Endpoint:       endpoint,
+			Model:          cfg.Model,
+			Chat:           cfg.Chat,
+			Concurrency:    cfg.Concurrency,
+			Requests:       cfg.Requests,
+			MaxTokens:      cfg.MaxTokens,
+			Temperature:    cfg.Temperature,
+			Seed:           cfg.Seed,
+			IgnoreEOS:      cfg.IgnoreEOS,
+			ResponseFormat: cfg.ResponseFormat,
+			Prompts:        len(cfg.Prompts),
 		},
 		Records: make([]Record, cfg.Requests),
 	}
@@ -358,6 +364,9 @@ func chatBody(cfg *Config, msgs []map[string]string, prompt ...string) ([]byte, 
 	}
 	if cfg.IgnoreEOS {
 		body["ignore_eos"] = true
+	}
+	if len(cfg.ResponseFormat) > 0 {
+		body["response_format"] = cfg.ResponseFormat
 	}
 	return json.Marshal(body)
 }

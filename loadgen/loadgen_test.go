@@ -3,6 +3,7 @@ package loadgen
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"math"
 	"net/http"
@@ -130,6 +131,7 @@ func TestRequestBody(t *testing.T) {
 	cfg.Seed = &seed
 	cfg.IgnoreEOS = true
 	cfg.Temperature = 0.7
+	cfg.ResponseFormat = json.RawMessage(`{"type":"json_object"}`)
 	cfg.URL += "/v1/" // accepted
 	if _, err := Run(context.Background(), cfg); err != nil {
 		t.Fatal(err)
@@ -147,6 +149,9 @@ func TestRequestBody(t *testing.T) {
 		b["seed"] != 42.0 || b["ignore_eos"] != true {
 		t.Errorf("chat body %v", b)
 	}
+	if rf, _ := b["response_format"].(map[string]any); rf["type"] != "json_object" || len(rf) != 1 {
+		t.Errorf("response_format %v", b["response_format"])
+	}
 	if so, _ := b["stream_options"].(map[string]any); so["include_usage"] != true {
 		t.Errorf("stream_options %v", b["stream_options"])
 	}
@@ -163,6 +168,9 @@ func TestRequestBody(t *testing.T) {
 	}
 	if _, ok := b["ignore_eos"]; ok {
 		t.Errorf("ignore_eos sent although false: %v", b)
+	}
+	if _, ok := b["response_format"]; ok {
+		t.Errorf("response_format sent although not set: %v", b)
 	}
 }
 

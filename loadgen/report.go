@@ -96,6 +96,9 @@ func describe(r *Result) string {
 	if ri.IgnoreEOS {
 		parts = append(parts, "ignore_eos")
 	}
+	if len(ri.ResponseFormat) > 0 {
+		parts = append(parts, "response_format "+string(ri.ResponseFormat))
+	}
 	return strings.Join(parts, " · ")
 }
 

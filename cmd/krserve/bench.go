@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 
 type benchFlags struct {
 	url, model, questions, jsonOut, compare, from, name string
+	responseFormat                                      string
 	scenario                                            string
 	conversations, turns, systemWords, prefixWords      int
 	userWords                                           int
@@ -83,6 +85,7 @@ conversations on their worker under any routing). It prints TTFT P50/P90, prompt
 	f.StringVar(&b.from, "from", "", "load this saved result instead of running")
 	f.StringVar(&b.name, "name", "", "label of this run in tables and JSON (default: the URL)")
 	f.BoolVar(&b.completions, "completions", false, "use /v1/completions with raw prompts instead of /v1/chat/completions")
+	f.StringVar(&b.responseFormat, "response-format", "", `send this response_format (a JSON object, e.g. '{"type":"json_object"}'): structured output's cost against the same run without it`)
 	f.BoolVar(&b.ignoreEOS, "ignore-eos", false, `send "ignore_eos": true (krserve extension) so every request makes max-tokens tokens`)
 	f.DurationVar(&b.timeout, "timeout", 5*time.Minute, "per-request timeout (0 = none)")
 	f.IntVar(&b.warmup, "warmup", 1, "unrecorded sequential requests sent first")
@@ -128,6 +131,9 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 	if ctx == nil {
 		ctx = context.Background()
 	}
+	if _, err := responseFormat(b.responseFormat); err != nil {
+		return err
+	}
 	switch b.scenario {
 	case "questions":
 	case "multi-turn":
@@ -168,6 +174,10 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 			Timeout:     b.timeout,
 			IgnoreEOS:   b.ignoreEOS,
 			ServerCPU:   true,
+		}
+		cfg.ResponseFormat, err = responseFormat(b.responseFormat)
+		if err != nil {
+			return err
 		}
 		if seedSet {
 			s := b.seed
@@ -239,6 +249,7 @@ func runMultiTurn(ctx context.Context, b benchFlags, stdout, stderr io.Writer) e
 		Conversations: b.conversations, Turns: b.turns, SystemWords: b.systemWords, PrefixWords: b.prefixWords,
 		UserWords: b.userWords, Seed: uint64(b.seed), ThinkTime: b.thinkTime,
 	}
+	cfg.ResponseFormat, _ = responseFormat(b.responseFormat) // checked by runBench
 	if !b.noProgress {
 		cfg.Progress = stderr
 	}
@@ -257,4 +268,17 @@ func runMultiTurn(ctx context.Context, b benchFlags, stdout, stderr io.Writer) e
 		return fmt.Errorf("bench: interrupted: %w", err)
 	}
 	return nil
+}
+
+// responseFormat is --response-format as sent: nil when empty, an error
+// unless it is a JSON object.
+func responseFormat(flag string) (json.RawMessage, error) {
+	if flag == "" {
+		return nil, nil
+	}
+	var obj map[string]any
+	if err := json.Unmarshal([]byte(flag), &obj); err != nil {
+		return nil, fmt.Errorf("bench: --response-format must be a JSON object: %w", err)
+	}
+	return json.RawMessage(flag), nil
 }
