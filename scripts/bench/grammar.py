@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--path", choices=("both",) + PATHS, default="both")
+    ap.add_argument("--cases", default="free,1,all",
+                    help="comma-separated cases: free, 1 (one row constrained), all (every row)")
     ap.add_argument("--mask-only", action="store_true", help="time the masking alone (µs per step)")
     ap.add_argument("--vocab", type=int, default=0, help="--mask-only: logits width (default: the model's)")
     ap.add_argument("--steps", type=int, default=64, help="--mask-only: steps per run")
@@ -98,6 +100,11 @@ def main(argv=None) -> int:
     head = (f"B={args.batch}, {mx.default_device()}, mask: {mask.__name__}, vocab {vocab}, "
             f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, {args.reps} runs")
     cases = {"free": 0, "1 constrained": 1, f"all {args.batch} constrained": args.batch}
+    pick = {"free": "free", "1": "1 constrained", "all": f"all {args.batch} constrained"}
+    want = args.cases.split(",")
+    if set(want) - set(pick) or "free" not in want:
+        ap.error(f"--cases: a comma-separated list of {', '.join(pick)}, with free (the baseline)")
+    cases = {pick[c]: cases[pick[c]] for c in pick if c in want}
 
     def processors(n_constrained: int):
         return [[grammar.GrammarProcessor(g.lark_matcher(LARK, "bench"), vocab, mask)]
@@ -134,10 +141,13 @@ def main(argv=None) -> int:
     runs = {(p, k): [] for k in cases for p in paths}
     for p in paths:
         run(p, args.batch)  # warm up
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         for k, c in cases.items():
             for p in paths:
                 runs[(p, k)].append(run(p, c))
+        # Each rep as it ends (a run cut short still leaves its reps).
+        print(f"rep {rep + 1}: " + ", ".join(f"{p} {k} {runs[(p, k)][-1]:.1f}" for p in paths for k in cases),
+              file=sys.stderr, flush=True)
     print(f"{head}, {args.tokens} tokens/sequence")
     print("decode tok/s, median (min, max); % of free: of the same path's free median, and the "
           "median (min, max) of each rep's ratio to that rep's free run")
