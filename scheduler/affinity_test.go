@@ -302,7 +302,14 @@ func TestMispredictionShrinksTheIndex(t *testing.T) {
 func TestWorkerWithoutCacheIsNotIndexed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := newHarness(t, 8, nil)
-		w1, w2 := h.addWorkerInfo(1, WorkerInfo{PromptCache: false}), h.addWorker(2)
+		w1 := h.addWorkerInfo(1, WorkerInfo{PromptCache: false})
+		if st := h.s.State(); st.Routing != RoutingCacheAware || st.RoutingByCache {
+			t.Fatalf("no worker with a cache: routing %q by cache %v", st.Routing, st.RoutingByCache)
+		}
+		w2 := h.addWorker(2)
+		if st := h.s.State(); !st.RoutingByCache {
+			t.Fatalf("a worker with a cache: routing %q by cache %v", st.Routing, st.RoutingByCache)
+		}
 		on := func(w *fakeWorker, r *Request) bool { return slices.Contains(w.genIDs(), r.ID) }
 		a1 := h.chat(0)
 		h.mustSubmit(a1) // round robin starts at worker 1

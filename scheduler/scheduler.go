@@ -781,10 +781,13 @@ type State struct {
 	OnProbation int    `json:"on_probation"`
 	Poisoned    int    `json:"poisoned"`
 	LastPoison  string `json:"last_poison,omitempty"`
-	// Routing (affinity.go): the policy, and the blocks of text each
-	// worker's index believes its prompt cache holds.
-	Routing      string         `json:"routing"`
-	RoutingIndex map[string]int `json:"routing_index_blocks"`
+	// Routing (affinity.go): the policy, whether it routes by cache now (it
+	// is cache-aware and some worker advertised a prompt cache: without one,
+	// every request goes by load), and the blocks of text each worker's
+	// index believes its prompt cache holds.
+	Routing        string         `json:"routing"`
+	RoutingByCache bool           `json:"routing_by_cache"`
+	RoutingIndex   map[string]int `json:"routing_index_blocks"`
 }
 
 // State returns a snapshot.
@@ -807,6 +810,7 @@ func (s *Scheduler) State() State {
 		}
 		st.Running += len(sl.inflight)
 		st.RoutingIndex[sl.label] = len(sl.index.blocks)
+		st.RoutingByCache = st.RoutingByCache || (sl.cache && s.cfg.Routing.Policy == RoutingCacheAware)
 		st.BatchSize[sl.label] = s.tune.B()
 		st.InFlight[sl.label] = len(sl.inflight)
 	}

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/krserve/krserve/scheduler"
 )
 
 func newStatusCmd() *cobra.Command {
@@ -87,6 +89,7 @@ type statusDoc struct {
 		Poisoned      int    `json:"poisoned"`
 		LastPoison    string `json:"last_poison"`
 		Routing       string `json:"routing"`
+		RoutingCache  bool   `json:"routing_by_cache"`
 		AutoTune      struct {
 			Enabled bool    `json:"enabled"`
 			B       int     `json:"b"`
@@ -172,7 +175,11 @@ func printStatus(w io.Writer, body []byte) error {
 	if s.AutoTune.Enabled {
 		tune = fmt.Sprintf("on (target %.0f ms, P99 %.1f ms, EMA %.1f ms)", s.AutoTune.Target, s.AutoTune.P99, s.AutoTune.EMA)
 	}
-	fmt.Fprintf(w, "batch    B=%d    auto-tune %s    routing %s\n", s.AutoTune.B, tune, s.Routing)
+	routing := s.Routing
+	if routing == scheduler.RoutingCacheAware && !s.RoutingCache {
+		routing += " (by load: no worker has a prompt cache)"
+	}
+	fmt.Fprintf(w, "batch    B=%d    auto-tune %s    routing %s\n", s.AutoTune.B, tune, routing)
 	fmt.Fprintf(w, "crashes  suspects waiting %d    on probation %d    declared poison %d\n", s.Suspects, s.OnProbation, s.Poisoned)
 	if s.LastPoison != "" {
 		fmt.Fprintf(w, "         last poison: %s\n", s.LastPoison)

@@ -59,3 +59,23 @@ func TestStatusShowsRanks(t *testing.T) {
 		}
 	}
 }
+
+// The routing line says when a cache-aware policy routes by load because no
+// worker has a prompt cache (every budget came out 0, say).
+func TestStatusRouting(t *testing.T) {
+	for _, c := range []struct{ sched, want string }{
+		{`{"routing": "cache-aware", "routing_by_cache": true}`, "routing cache-aware\n"},
+		{`{"routing": "cache-aware", "routing_by_cache": false}`, "routing cache-aware (by load: no worker has a prompt cache)\n"},
+		{`{"routing": "least-loaded"}`, "routing least-loaded\n"},
+	} {
+		doc := `{"server": {"latency": {}, "ttft": {}, "throughput": {"tokens_per_second": {}, "requests_per_second": {}}},
+		  "scheduler": ` + c.sched + `, "workers": []}`
+		var b strings.Builder
+		if err := printStatus(&b, []byte(doc)); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(b.String(), c.want) {
+			t.Errorf("%s: no %q in:\n%s", c.sched, c.want, b.String())
+		}
+	}
+}
