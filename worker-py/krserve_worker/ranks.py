@@ -60,7 +60,8 @@ import time
 
 import msgpack
 
-from .worker import CONSTRAINT, Reader, Worker, log
+from .log import log
+from .worker import CONSTRAINT, Reader, Worker
 
 EXIT_GROUP_BROKEN = 4  # a rank's peer vanished (its link closed)
 EXIT_DIVERGED = 5  # a follower sampled other tokens than rank 0

@@ -53,20 +53,12 @@ import time
 
 from . import __version__, blas, device, faults, grammar, protocol, tools
 from .channel import FrameReader, FrameWriter
+from .log import EXIT_LOAD, EXIT_NO_MODEL, EXIT_OK, EXIT_PROTOCOL, log
 from .params import InvalidPrompt, InvalidRequest, parse_gen
 from .prompt_cache import (Followers, PromptCache, copy_cache, device_budget, prefill,
                            prompt_checkpoints_needed, system_end, with_prefix)
 from .protocol import ProtocolError
 from .textstream import TextStream
-
-EXIT_OK = 0
-EXIT_LOAD = 1
-EXIT_NO_MODEL = 2
-EXIT_PROTOCOL = 3
-
-
-def log(*args) -> None:
-    print("krserve_worker:", *args, file=sys.stderr, flush=True)
 
 
 def parse_args(argv):
