@@ -69,13 +69,6 @@ FAST_PATH_PREFILL = 512
 GATHER_S = 0.25
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (OSError, ValueError):
-        return 0
-
-
 def dequantize_for_cpu(model, setting: str, *, fast_blas: bool, on_cpu: bool,
                        memory: int | None = None) -> str:
     """Replace a quantized model's quantized layers by float32 ones, in place.
@@ -105,7 +98,7 @@ def dequantize_for_cpu(model, setting: str, *, fast_blas: bool, on_cpu: bool,
     need = 4 * (n + sum(v.size for k, v in tree_flatten(model.parameters())
                         if not k.endswith((".weight", ".scales", ".biases"))))
     if setting == "auto":
-        memory = _physical_memory() if memory is None else memory
+        memory = device.physical_memory() if memory is None else memory
         if not on_cpu:
             return "kept quantized (not on the CPU device)"
         if not fast_blas:
@@ -1025,7 +1018,7 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         limits = device.apply_memory_limit(device.current(), args.device_share)
         budget = None
         if args.prompt_cache_bytes is None:  # the default: by the device, now known
-            budget = device_budget(model, args.device_share, _physical_memory())
+            budget = device_budget(model, args.device_share, device.physical_memory())
             args.prompt_cache_bytes = budget.bytes
     except Exception as e:
         return fatal(f"failed to load model from {args.model!r}: {type(e).__name__}: {e}",
