@@ -57,6 +57,7 @@ from .prompt_cache import (Followers, PromptCache, copy_cache, device_budget, pr
                            prompt_checkpoints_needed, with_prefix)
 from .protocol import ProtocolError
 from .reader import CONSTRAINT, SYSTEM_END, TOKENIZED, Constraint, Reader, Shared
+from .request import Request
 from .textstream import TextStream
 
 # The fast path prefills synchronously and decodes beside the batch: only for
@@ -69,65 +70,6 @@ GATHER_S = 0.25
 
 
 # -- main thread ---------------------------------------------------------------
-
-
-class Request:
-    __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors", "grammar",
-                 "calls", "carry", "fault", "tokens", "system_end", "cache", "cached", "kinds")
-
-    def __init__(self, p, text: TextStream, system_end: int = 0):
-        self.p = p
-        self.uid = None
-        self.text = text
-        self.tokens = p.prompt + p.resume  # what is prefilled
-        self.ptoks = len(self.tokens)
-        self.ctoks = 0
-        self.sampler = None
-        self.processors = []
-        self.system_end = system_end  # where a chat's system prompt ends (0: none)
-        self.cache = None  # the prompt cache's KV state for tokens[:cached]
-        self.cached = 0
-        self.kinds: list[str] = []  # the checkpoints still to store, in order
-        self.fault = None  # faults.Armed, only under KRSERVE_WORKER_FAULT
-        self.grammar: grammar.GrammarProcessor | None = None
-        self.calls: tools.CallStream | None = None  # splits tool calls out of the text
-        self.carry = ("", [])  # content and calls a resume found undelivered
-
-    @property
-    def cut_call(self) -> bool:
-        """The output ended inside a tool call that is not whole (``done``'s
-        ``cut_call``: the finish reason stays ``stop`` or ``length``)."""
-        return self.calls is not None and self.calls.cut
-
-    def output(self, text: str, final: bool = False) -> tuple[str, list]:
-        """The content and tool calls of a text delta (after stop strings)."""
-        if self.calls is None:
-            return text, []
-        content, calls = self.calls.feed(text, final)
-        if self.carry[0] or self.carry[1]:
-            content, calls = self.carry[0] + content, self.carry[1] + calls
-            self.carry = ("", [])
-        return content, calls
-
-    def system_key(self):
-        """Its system prompt's tokens when it will store a checkpoint there
-        (the cache did not hold it), else None: what new conversations of a
-        burst share (``Followers``)."""
-        if self.cached < self.system_end < len(self.tokens) - 1:
-            return tuple(self.tokens[:self.system_end])
-        return None
-
-    def checkpoints(self, prompt_end: bool) -> list[tuple[int, str]]:
-        """Where to store the KV state while prefilling, after what the cache
-        gave: the end of the system prompt, and with ``prompt_end`` the end of
-        the prompt but its last token."""
-        n, last = self.cached, len(self.tokens) - 1
-        out = []
-        if n < self.system_end < last:
-            out.append((self.system_end, "system"))
-        if prompt_end and n < last:
-            out.append((last, "user"))
-        return out
 
 
 class Worker:
