@@ -1,4 +1,11 @@
-"""The worker: load the model, speak protocol v3 (docs/protocol.md), generate.
+"""The worker: load the model, speak protocol v4 (docs/protocol.md), generate.
+
+``main`` parses the flags (``args.py``), loads OpenBLAS where the venv has it
+(``blas.py``) and then the model (on the CPU, a quantized one held as float32:
+``cpuweights.py``), says ``hello``, starts the reader thread and runs the
+engine, ``Worker``, until told to exit. ``Worker`` is the main thread's
+loop: take the queued messages, start the new requests (``Request``,
+``request.py``), step the generator, write the frames.
 
 Threads:
 
@@ -37,6 +44,15 @@ Token accounting: ``tok.ids`` are the generated tokens that make up the output
 counts every token this worker generated, EOS included, which is what
 ``max_tokens`` limits. ``ptoks`` is ``len(prompt) + len(resume)``, the tokens
 prefilled.
+
+What the engine leaves to other modules: the generator (``batchgen.py``,
+mlx-lm's ``BatchGenerator`` with its grammar masks, ``batchmask.py``),
+validating a gen (``params.py``), samplers and logits processors
+(``sampling.py``), grammars (``grammar.py``), tool calls (``tools.py``), the
+output text and stop strings (``textstream.py``), frames (``protocol.py``,
+``channel.py``), the device's memory (``device.py``), fault injection
+(``faults.py``), log lines and exit statuses (``log.py``); a worker that is a
+group of ranks subclasses ``Worker`` (``ranks.py``).
 """
 
 from __future__ import annotations
@@ -67,9 +83,6 @@ FAST_PATH_PREFILL = 512
 # gens the reader is still tokenizing (a 4,600-token conversation takes ~8 ms,
 # a burst of 16 ~130 ms; a prefill step of 16 cached turns ~1 s on the H200).
 GATHER_S = 0.25
-
-
-# -- main thread ---------------------------------------------------------------
 
 
 class Worker:
