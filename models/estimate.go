@@ -21,7 +21,7 @@ type EstimateInput struct {
 	Dequantize string // the workers' --dequantize: auto, on or off
 	// CPU: workers run on mlx's CPU device (Linux), where auto dequantizes
 	// quantized weights to float32 when they fit in a quarter of memory
-	// (krserve_worker.worker.dequantize_for_cpu).
+	// (krserve_worker.cpuweights.dequantize_for_cpu).
 	CPU      bool
 	Physical int64 // the machine's memory (0: unknown)
 	// GroupSize: ranks each worker is split over (0 or 1: one process);

@@ -4,7 +4,7 @@
     PYTHONPATH=worker-py .venv/bin/python scripts/bench/f32_model.py SRC DST
 
 krserve's workers hold a quantized model's weights as float32 on the CPU
-(``--dequantize auto``, worker.dequantize_for_cpu); mlx_lm.server keeps them
+(``--dequantize auto``, cpuweights.dequantize_for_cpu); mlx_lm.server keeps them
 quantized, and mlx's quantized CPU matmuls are far slower. Given this copy both
 run the same float32 matmuls (the values are the quantized ones exactly).
 """
@@ -20,7 +20,7 @@ blas.load()  # before mlx
 from mlx_lm import load  # noqa: E402
 from mlx_lm.utils import save_model  # noqa: E402
 
-from krserve_worker.worker import dequantize_for_cpu  # noqa: E402
+from krserve_worker.cpuweights import dequantize_for_cpu  # noqa: E402
 
 
 def main(src: Path, dst: Path) -> None:

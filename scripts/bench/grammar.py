@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     from mlx_lm.generate import BatchGenerator
 
     from krserve_worker import batchgen, batchmask, grammar
-    from krserve_worker.worker import _model_info, dequantize_for_cpu
+    from krserve_worker.cpuweights import dequantize_for_cpu
+    from krserve_worker.worker import _model_info
 
     model, tok, config = load(args.model, return_config=True)
     vocab, _ = _model_info(model, tok, config)

@@ -283,7 +283,7 @@ def main(argv=None):
     # the same way, before mlx: the baseline does the same arithmetic.
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "worker-py"))
     from krserve_worker import blas
-    from krserve_worker.worker import dequantize_for_cpu
+    from krserve_worker.cpuweights import dequantize_for_cpu
 
     blas_info = blas.load()
     print(f"in-process: BLAS: {blas_info}", file=sys.stderr, flush=True)

@@ -1,5 +1,5 @@
 """OpenBLAS for mlx's CPU backend (krserve_worker.blas) and dequantizing a
-quantized model for the CPU (krserve_worker.worker.dequantize_for_cpu).
+quantized model for the CPU (krserve_worker.cpuweights.dequantize_for_cpu).
 
 Which BLAS serves mlx's float32 matmuls is checked through the dynamic
 linker itself (``LD_DEBUG=bindings`` names the library each symbol of libmlx
@@ -130,7 +130,7 @@ def test_dequantize_keeps_the_values(quantized):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from krserve_worker.worker import dequantize_for_cpu
+    from krserve_worker.cpuweights import dequantize_for_cpu
 
     model, tok = quantized
     ids = tok.encode("Once upon a time there was")
@@ -152,7 +152,7 @@ def test_dequantize_keeps_the_values(quantized):
     (dict(setting="auto", fast_blas=True, on_cpu=True, memory=1 << 20), "over a quarter"),
 ])
 def test_dequantize_auto_keeps_quantized_when_it_would_not_help(quantized, kw, why):
-    from krserve_worker.worker import dequantize_for_cpu
+    from krserve_worker.cpuweights import dequantize_for_cpu
 
     model, _ = quantized
     n = _count_quantized(model)
@@ -162,7 +162,7 @@ def test_dequantize_auto_keeps_quantized_when_it_would_not_help(quantized, kw, w
 
 
 def test_dequantize_auto_on_cpu_with_openblas(quantized):
-    from krserve_worker.worker import dequantize_for_cpu
+    from krserve_worker.cpuweights import dequantize_for_cpu
 
     model, _ = quantized
     msg = dequantize_for_cpu(model, "auto", fast_blas=True, on_cpu=True, memory=64 << 30)
@@ -170,7 +170,7 @@ def test_dequantize_auto_on_cpu_with_openblas(quantized):
 
 
 def test_dequantize_float_model_untouched(ref):
-    from krserve_worker.worker import dequantize_for_cpu
+    from krserve_worker.cpuweights import dequantize_for_cpu
 
     model, _ = ref
     assert dequantize_for_cpu(model, "on", fast_blas=True, on_cpu=True) == "model not quantized"
@@ -181,7 +181,7 @@ def test_dequantized_weight_matches_mlx(bits, group):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from krserve_worker.worker import _dequantized_weight
+    from krserve_worker.cpuweights import _dequantized_weight
 
     lin = nn.Linear(256, 48)
     q = nn.QuantizedLinear.from_linear(lin, group_size=group, bits=bits)

@@ -14,6 +14,7 @@ import msgpack
 
 from krserve_worker import worker
 from krserve_worker.channel import FrameReader, FrameWriter
+from krserve_worker.reader import Reader, Shared
 
 
 class ReaderQueue:
@@ -43,7 +44,7 @@ def _worker(shared, q):
 
 
 def test_waits_for_the_reads_in_tokenizing():
-    shared = worker.Shared()
+    shared = Shared()
     shared.tokenizing = 3
     q = ReaderQueue(shared, [(2, ("msgs", ["a", "b"])), (1, ("msgs", ["c"]))])
     q.ready = [("msgs", ["d"])]  # queued meanwhile
@@ -53,7 +54,7 @@ def test_waits_for_the_reads_in_tokenizing():
 
 
 def test_nothing_in_tokenizing_never_blocks():
-    shared = worker.Shared()
+    shared = Shared()
     q = ReaderQueue(shared, [(0, ("msgs", ["late"]))])
     q.ready = [("msgs", ["x"])]
     assert worker.Worker.gather(_worker(shared, q), time.monotonic() + 60) == [("msgs", ["x"])]
@@ -61,7 +62,7 @@ def test_nothing_in_tokenizing_never_blocks():
 
 
 def test_a_read_that_never_ends_is_waited_for_until_the_deadline():
-    shared = worker.Shared()
+    shared = Shared()
     shared.tokenizing = 1
     q = queue.Queue()  # the reader never queues it
     assert worker.Worker.gather(_worker(shared, q), time.monotonic() + 0.02) == []
@@ -91,11 +92,11 @@ def test_reader_counts_gens_until_they_are_queued(tiny_model):
             seen.append(shared.tokenizing)
             return tok.apply_chat_template(*a, **k)
 
-    shared = worker.Shared()
+    shared = Shared()
     q: queue.Queue = queue.Queue()
     r_in, w_in = os.pipe()
     r_out, w_out = os.pipe()
-    reader = worker.Reader(FrameReader(r_in), FrameWriter(w_out), q, Peeking(), shared)
+    reader = Reader(FrameReader(r_in), FrameWriter(w_out), q, Peeking(), shared)
     gens = [{"t": "gen", "id": i, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 1}
             for i in (1, 2)]
     os.write(w_in, b"".join(_frame(g) for g in gens))  # one write: one read

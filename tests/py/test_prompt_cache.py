@@ -454,7 +454,7 @@ def test_worker_default_budget_by_share(start_worker):
 
 @pytest.mark.parametrize("args", [("--device-share", "0"), ("--prompt-cache-bytes", "-1")])
 def test_bad_budget_flags_are_refused(args, capsys):
-    from krserve_worker.worker import parse_args
+    from krserve_worker.args import parse_args
 
     with pytest.raises(SystemExit) as e:
         parse_args(["--model", "m", *args])

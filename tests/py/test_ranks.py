@@ -9,7 +9,7 @@ import json
 import pytest
 
 from krserve_worker import ranks
-from krserve_worker.worker import CONSTRAINT
+from krserve_worker.reader import CONSTRAINT
 
 
 def model(tmp_path, **cfg):

@@ -6,7 +6,7 @@ this project's 2-core VM, against ~0.3 ms with OpenBLAS. libmlx resolves
 ``cblas_sgemm`` and friends through the dynamic linker's global scope first,
 so loading OpenBLAS with ``RTLD_GLOBAL`` *before* ``mlx.core`` is imported
 makes every float32 matmul (and so every dequantized model; see
-:func:`krserve_worker.worker.dequantize_for_cpu`) run on it. Nothing in the
+:func:`krserve_worker.cpuweights.dequantize_for_cpu`) run on it. Nothing in the
 mlx wheel is modified.
 
 Where OpenBLAS comes from: ``scripts/fetch-openblas.sh`` (run by ``make

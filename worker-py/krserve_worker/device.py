@@ -13,6 +13,7 @@ out. (Apple silicon's unified memory and the CPU are left to mlx's defaults.)
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 # mlx's CUDA allocator's default memory limit, a fraction of the GPU's memory.
@@ -38,6 +39,14 @@ def current() -> Device:
         info = {}
     # mlx 0.32's CUDA backend says total_memory; Metal's says memory_size.
     return Device("cuda", int(info.get("total_memory") or info.get("memory_size") or 0))
+
+
+def physical_memory() -> int:
+    """The machine's memory in bytes (0: unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 0
 
 
 def weights_bytes(model) -> int:

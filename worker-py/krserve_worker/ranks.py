@@ -60,7 +60,9 @@ import time
 
 import msgpack
 
-from .worker import CONSTRAINT, Reader, Worker, log
+from .log import log
+from .reader import CONSTRAINT, Reader, Shared
+from .worker import Worker
 
 EXIT_GROUP_BROKEN = 4  # a rank's peer vanished (its link closed)
 EXIT_DIVERGED = 5  # a follower sampled other tokens than rank 0
@@ -258,8 +260,6 @@ class Group:
     def follow(self, model, tokenizer, *, vocab: int, ctx: int, args, grammars) -> int:
         """Run a follower until rank 0 exits (its exit item) or vanishes."""
         import queue
-
-        from .worker import Shared
 
         reader = Reader(None, NullWriter(), None, tokenizer, Shared(), grammars)
         w = Follower(self, reader, model, tokenizer, vocab=vocab, ctx=ctx, args=args,

@@ -1,4 +1,11 @@
-"""The worker: load the model, speak protocol v3 (docs/protocol.md), generate.
+"""The worker: load the model, speak protocol v4 (docs/protocol.md), generate.
+
+``main`` parses the flags (``args.py``), loads OpenBLAS where the venv has it
+(``blas.py``) and then the model (on the CPU, a quantized one held as float32:
+``cpuweights.py``), says ``hello``, starts the reader thread and runs the
+engine, ``Worker``, until told to exit. ``Worker`` is the main thread's
+loop: take the queued messages, start the new requests (``Request``,
+``request.py``), step the generator, write the frames.
 
 Threads:
 
@@ -14,12 +21,12 @@ Threads:
   messages drained together go into one ``insert`` call, so their prefill is
   batched; cancels and shutdown are applied at step boundaries (a long prefill
   is cut into ``--prefill-step`` token chunks, one per ``next()``).
-- The reader thread reads and parses frames and queues them, except ``ping``,
-  which it answers itself. It also tokenizes the text or chat messages of a
-  ``gen`` before queueing it (tokenizers only, no MLX), so tokenizing never
-  waits for a decode step and the main thread gets ids; a prompt the
-  tokenizer refuses is answered from here. ``pong`` reports values the main
-  thread caches after each step.
+- The reader thread (``reader.py``) reads and parses frames and queues them,
+  except ``ping``, which it answers itself. It also tokenizes the text or chat
+  messages of a ``gen`` before queueing it (tokenizers only, no MLX), so
+  tokenizing never waits for a decode step and the main thread gets ids; a
+  prompt the tokenizer refuses is answered from here. ``pong`` reports values
+  the main thread caches after each step.
 
 The prompt cache (``prompt_cache.py``): before a request is prefilled, the
 nearest cached KV state of its prompt is fetched and only the rest is
@@ -37,92 +44,38 @@ Token accounting: ``tok.ids`` are the generated tokens that make up the output
 counts every token this worker generated, EOS included, which is what
 ``max_tokens`` limits. ``ptoks`` is ``len(prompt) + len(resume)``, the tokens
 prefilled.
+
+What the engine leaves to other modules: the generator (``batchgen.py``,
+mlx-lm's ``BatchGenerator`` with its grammar masks, ``batchmask.py``),
+validating a gen (``params.py``), samplers and logits processors
+(``sampling.py``), grammars (``grammar.py``), tool calls (``tools.py``), the
+output text and stop strings (``textstream.py``), frames (``protocol.py``,
+``channel.py``), the device's memory (``device.py``), fault injection
+(``faults.py``), log lines and exit statuses (``log.py``); a worker that is a
+group of ranks subclasses ``Worker`` (``ranks.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import platform
 import queue
-import resource
-import sys
-import threading
 import time
 
 from . import __version__, blas, device, faults, grammar, protocol, tools
+from .args import default_prefill_step, parse_args
 from .channel import FrameReader, FrameWriter
-from .params import InvalidPrompt, InvalidRequest, parse_gen
+from .cpuweights import dequantize_for_cpu
+from .log import EXIT_LOAD, EXIT_NO_MODEL, EXIT_OK, EXIT_PROTOCOL, log
+from .params import InvalidRequest, parse_gen
 from .prompt_cache import (Followers, PromptCache, copy_cache, device_budget, prefill,
-                           prompt_checkpoints_needed, system_end, with_prefix)
+                           prompt_checkpoints_needed, with_prefix)
 from .protocol import ProtocolError
+from .reader import CONSTRAINT, SYSTEM_END, TOKENIZED, Constraint, Reader, Shared
+from .request import Request
 from .textstream import TextStream
 
-EXIT_OK = 0
-EXIT_LOAD = 1
-EXIT_NO_MODEL = 2
-EXIT_PROTOCOL = 3
-
-
-def log(*args) -> None:
-    print("krserve_worker:", *args, file=sys.stderr, flush=True)
-
-
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m krserve_worker",
-                                 description="krserve mlx-lm worker (msgpack over stdio)")
-    ap.add_argument("--model", required=True, help="local model directory (never a hub id)")
-    ap.add_argument("--max-batch", type=int, default=32,
-                    help="sequences decoded together (BatchGenerator completion_batch_size)")
-    ap.add_argument("--prefill-batch", type=int, default=8,
-                    help="prompts prefilled together (prefill_batch_size)")
-    ap.add_argument("--prefill-step", type=int, default=None,
-                    help="prompt tokens per sequence per prefill step (default: 2048 on a "
-                         "GPU, as mlx_lm.server; 512 on the CPU); smaller keeps cancel "
-                         "and the running streams responsive, larger takes fewer steps")
-    ap.add_argument("--no-single-fast-path", dest="single_fast_path", action="store_false",
-                    help="decode a request that runs alone with BatchGenerator too "
-                         "(default: with mlx-lm's generate_step, as stream_generate does)")
-    ap.add_argument("--dequantize", choices=("auto", "on", "off"), default="auto",
-                    help="hold a quantized model's weights as float32 (auto: on mlx's CPU "
-                         "device with OpenBLAS loaded, when float32 weights take at most a "
-                         "quarter of physical memory; see dequantize_for_cpu)")
-    ap.add_argument("--prompt-cache-bytes", type=int, default=None, metavar="N",
-                    help="bytes of KV cache the prompt cache and the running sequences may "
-                         "hold together; 0 turns the prompt cache off. Default, decided "
-                         "once the model is loaded: on a CUDA GPU half of the GPU's memory "
-                         "less the weights of the --device-share workers, split among "
-                         "them (0, cache off, if the weights take that half); elsewhere (the "
-                         "CPU, Apple silicon's unified memory) an eighth of physical memory "
-                         "split among them")
-    ap.add_argument("--device-share", type=int, default=1, metavar="N",
-                    help="workers sharing the device's memory (krserve up passes those of "
-                         "every model that may be loaded at once; default 1): the default --prompt-cache-bytes "
-                         "is split among them, and on a CUDA GPU so is mlx's memory limit "
-                         "(0.8 of the GPU's memory, its own default for one process)")
-    from . import ranks
-
-    ranks.add_args(ap)
-    args = ap.parse_args(argv)
-    for name in ("max_batch", "prefill_batch", "prefill_step"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.prompt_cache_bytes is not None and args.prompt_cache_bytes < 0:
-        ap.error("--prompt-cache-bytes must be >= 0")
-    if args.device_share < 1:
-        ap.error("--device-share must be >= 1")
-    return args
-
-
-# --prefill-step's defaults. On a GPU a prefill step costs more than its
-# tokens: every step's attention has shapes not seen before once the prompt
-# cache is on (cached lengths vary), and on CUDA each new shape builds a cuDNN
-# graph; 2048 is mlx_lm.server's step, so a cached turn is one step there too.
-# On the CPU prefill runs at a few hundred tokens/s: a step of B long prompts
-# would stall every running stream (and a cancel) for minutes.
-PREFILL_STEP_GPU = 2048
-PREFILL_STEP_CPU = 512
 # The fast path prefills synchronously and decodes beside the batch: only for
 # a short rest (what the cache does not hold), whatever the step.
 FAST_PATH_PREFILL = 512
@@ -130,371 +83,6 @@ FAST_PATH_PREFILL = 512
 # gens the reader is still tokenizing (a 4,600-token conversation takes ~8 ms,
 # a burst of 16 ~130 ms; a prefill step of 16 cached turns ~1 s on the H200).
 GATHER_S = 0.25
-
-
-def default_prefill_step(on_cpu: bool) -> int:
-    return PREFILL_STEP_CPU if on_cpu else PREFILL_STEP_GPU
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (OSError, ValueError):
-        return 0
-
-
-def dequantize_for_cpu(model, setting: str, *, fast_blas: bool, on_cpu: bool,
-                       memory: int | None = None) -> str:
-    """Replace a quantized model's quantized layers by float32 ones, in place.
-
-    mlx's CPU backend has no fast quantized matmul (a 4-bit 1536x576
-    matrix-vector product costs ~1.6 ms here, as much as the float32 one on the
-    reference BLAS), while float32 matmuls go to BLAS: with OpenBLAS loaded
-    (krserve_worker.blas), SmolLM2-135M Q4_1 prefills ~9x and decodes ~2x
-    faster dequantized. The values are the quantized ones exactly
-    (:func:`_dequantized_weight`), so only the summation order changes. ``auto`` does it
-    on the CPU device with OpenBLAS when float32 weights fit in a quarter of
-    physical memory; on a GPU (Metal, CUDA) quantized kernels are the fast
-    path, so ``auto`` leaves the model alone. Returns what was done, for logs.
-    """
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    quantized = [(name, m) for name, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                 or type(m).__name__ == "QuantizedSwitchLinear"]
-    if not quantized:
-        return "model not quantized"
-    if setting == "off":
-        return "kept quantized (--dequantize off)"
-    n = sum(m.weight.size * 32 // m.bits for _, m in quantized)
-    need = 4 * (n + sum(v.size for k, v in tree_flatten(model.parameters())
-                        if not k.endswith((".weight", ".scales", ".biases"))))
-    if setting == "auto":
-        memory = _physical_memory() if memory is None else memory
-        if not on_cpu:
-            return "kept quantized (not on the CPU device)"
-        if not fast_blas:
-            return "kept quantized (no OpenBLAS: float32 matmuls would not be faster)"
-        if memory and need > memory // 4:
-            return (f"kept quantized (float32 weights would take {need / 2**30:.1f} GiB, "
-                    f"over a quarter of {memory / 2**30:.1f} GiB)")
-    from mlx.utils import tree_unflatten
-
-    layers = []
-    for name, m in quantized:
-        w = _dequantized_weight(m)
-        mx.eval(w)  # one layer at a time: the peak is one layer, not the model
-        if isinstance(m, nn.QuantizedEmbedding):
-            new = nn.Embedding(w.shape[0], w.shape[1])
-        elif isinstance(m, nn.QuantizedLinear):
-            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-        else:
-            from mlx_lm.models.switch_layers import SwitchLinear
-
-            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
-        new.weight = w
-        if "bias" in m:
-            new.bias = m.bias
-        layers.append((name, new))
-    model.update_modules(tree_unflatten(layers))
-    model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
-    return f"dequantized {len(quantized)} layers to float32 ({need / 2**20:.0f} MiB)"
-
-
-def _dequantized_weight(m):
-    """A quantized layer's weight as float32: ``q * scale + bias`` per group for
-    mlx's affine 2/4/8-bit packing (computed in float32, ~3x faster on the CPU
-    than ``mx.dequantize``, which also rounds to the scales' float16), else
-    ``mx.dequantize``."""
-    import mlx.core as mx
-
-    mode = getattr(m, "mode", "affine")
-    biases = getattr(m, "biases", None)
-    if mode == "affine" and m.bits in (2, 4, 8) and biases is not None:
-        w = m.weight
-        shifts = mx.arange(0, 32, m.bits, dtype=mx.uint32)
-        q = mx.right_shift(w[..., None], shifts) & ((1 << m.bits) - 1)
-        q = q.reshape(*w.shape[:-1], -1, m.group_size).astype(mx.float32)
-        out = q * m.scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
-        return out.reshape(*w.shape[:-1], -1)
-    return mx.dequantize(m.weight, m.scales, biases, m.group_size, m.bits, mode=mode).astype(mx.float32)
-
-
-def read_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024
-
-
-class Shared:
-    """Values the main thread publishes for ``pong`` (plain ints: the reader
-    thread never touches MLX)."""
-
-    def __init__(self):
-        self.active = 0
-        self.mem_active = 0
-        self.mem_peak = 0
-        self.cache = 0  # bytes the prompt cache holds
-        self.evicted = 0  # prompt cache entries evicted so far
-        # Gens the reader has read and not yet queued (it alone writes this;
-        # the main thread waits for them before a prefill step: Worker.gather).
-        self.tokenizing = 0
-
-
-def _need_id(msg) -> int:
-    rid = msg.get("id")
-    if not isinstance(rid, int) or isinstance(rid, bool) or rid <= 0:
-        raise ProtocolError(f"{msg['t']} frame without a valid id: {rid!r}")
-    return rid
-
-
-# -- reader thread -------------------------------------------------------------
-
-
-class Reader(threading.Thread):
-    def __init__(self, reader: FrameReader, writer: FrameWriter, q: queue.Queue,
-                 tokenizer, shared: Shared, grammars=None, checkpoints: bool = False):
-        super().__init__(name="krserve-reader", daemon=True)
-        self.reader = reader
-        self.writer = writer
-        self.q = q
-        self.tokenizer = tokenizer
-        self.shared = shared
-        self.grammars = grammars  # grammar.Grammars, or None when llguidance is missing
-        self.checkpoints = checkpoints  # find where chats' system prompts end
-
-    def run(self):
-        try:
-            while True:
-                batch = self.reader.read_batch()
-                if batch is None:
-                    self.writer.close()  # nobody is listening any more
-                    self.q.put(("exit", EXIT_OK, "stdin closed"))
-                    return
-                work = []
-                gens = sum(1 for msg in batch if msg.get("t") == "gen")
-                self.shared.tokenizing += gens
-                for msg in batch:
-                    t = msg["t"]
-                    if t == "ping":
-                        self.pong(msg)
-                    elif t == "shutdown":
-                        self.writer.close()  # send nothing more
-                        self.q.put(("exit", EXIT_OK, "shutdown"))
-                        return
-                    elif t == "gen":
-                        _need_id(msg)
-                        if self.tokenize(msg):
-                            work.append(msg)
-                    elif t == "cancel":
-                        _need_id(msg)
-                        work.append(msg)
-                    else:
-                        log(f"ignoring frame of unknown type {t!r}")
-                self.shared.tokenizing -= gens
-                if work:
-                    # One queue item per read: gens written together are
-                    # drained (and inserted) together.
-                    self.q.put(("msgs", work))
-        except ProtocolError as e:
-            log(f"protocol error from supervisor: {e}")
-            self.q.put(("exit", EXIT_PROTOCOL, str(e)))
-        except OSError as e:
-            log(f"channel error: {e!r}")
-            self.q.put(("exit", EXIT_PROTOCOL, repr(e)))
-        except BaseException as e:  # never die silently
-            log(f"reader thread crashed: {e!r}")
-            self.q.put(("exit", EXIT_PROTOCOL, repr(e)))
-
-    def constraint(self, msg, treq):
-        """``Constraint`` for a gen: its grammar's matcher (advanced over the
-        resumed tokens) and how its calls are parsed; None for a free gen."""
-        schema = msg.get("schema", "")
-        fmt = None
-        if treq is not None and treq.choice != "none":
-            model_fmt = tools.model_format(self.tokenizer)
-            fmt = model_fmt or tools.FALLBACK
-            if treq.constrained and not tools.grammar_is_native(model_fmt):
-                fmt = tools.FALLBACK  # the grammar writes json_tools calls
-        if not schema and not (treq is not None and treq.constrained):
-            return Constraint(None, fmt, treq) if fmt else None
-        if self.grammars is None:
-            raise InvalidRequest("structured output needs llguidance, which this worker "
-                                 "could not load (see its log)")
-        if treq is not None and treq.constrained:  # the calls' grammar wins over a schema
-            matcher = tools.call_matcher(self.grammars, treq)
-        else:
-            matcher = self.grammars.schema_matcher(schema)
-        grammar.replay(matcher, msg.get("resume") or [])
-        return Constraint(matcher, fmt, treq)
-
-    def pong(self, msg):
-        seq = msg.get("seq", 0)
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise ProtocolError(f"ping with invalid seq {seq!r}")
-        s = self.shared
-        self.writer.write(protocol.pong(seq, s.active, s.mem_active, s.mem_peak, read_rss(),
-                                        cache=s.cache, evicted=s.evicted))
-
-    def tokenize(self, msg) -> bool:
-        """Tokenize a gen's text or messages into ``msg[TOKENIZED]`` and
-        compile its grammar (``schema``, or the calls a ``tool_choice``
-        demands) into ``msg[CONSTRAINT]``. A gen of prompt ids passes as it
-        is; one without is a text gen (an empty text is omitted on the wire).
-        Reports whether the gen goes on to the main thread; a refusal is
-        answered here."""
-        rid = msg["id"]
-        try:
-            treq = tools.parse_tool_request(msg)
-            if treq is not None and not msg.get("messages"):
-                raise InvalidRequest("tools need a chat prompt (messages)")
-            if msg.get("prompt"):
-                if "text" in msg or "messages" in msg:
-                    raise InvalidRequest("a gen carries prompt ids or text or messages, not both")
-            else:
-                msg[TOKENIZED] = tokenize(self.tokenizer, msg, treq, self.checkpoints)
-            msg[CONSTRAINT] = self.constraint(msg, treq)
-            return True
-        except InvalidRequest as e:
-            answer = protocol.error(rid, e.code, str(e))
-        except Exception as e:  # tokenizer/template failure
-            log(f"tokenizing the prompt of {rid} failed: {e!r}")
-            answer = protocol.error(rid, InvalidPrompt.code, f"tokenizing the prompt failed: {e}"[:1000])
-        self.writer.write(answer)
-        return False
-
-
-# The keys under which the reader thread leaves a gen's tokenized prompt and
-# its Constraint, and where its system prompt ends (not wire keys: they never
-# leave the process).
-TOKENIZED = "_prompt_ids"
-CONSTRAINT = "_constraint"
-SYSTEM_END = "_system_end"
-
-
-class Constraint:
-    """What the reader thread prepared for a constrained or tool-calling gen:
-    the grammar's ``LLMatcher`` (None: free output), the ``tools.CallFormat``
-    its calls are parsed with (None: no tool calls) and the ``ToolRequest``."""
-
-    __slots__ = ("matcher", "fmt", "treq")
-
-    def __init__(self, matcher, fmt, treq):
-        self.matcher, self.fmt, self.treq = matcher, fmt, treq
-
-
-def _check_message(m) -> dict:
-    if not isinstance(m, dict):
-        raise InvalidRequest("each message must be a map with role and content")
-    role, content = m.get("role", ""), m.get("content", "")
-    if not isinstance(role, str) or not isinstance(content, str):
-        raise InvalidRequest("message role and content must be strings")
-    calls = m.get("tool_calls") or []
-    if not isinstance(calls, list) or not all(
-            isinstance(c, dict) and isinstance(c.get("name"), str)
-            and isinstance(c.get("arguments", ""), str) for c in calls):
-        raise InvalidRequest("message tool_calls must be a list of {id, name, arguments}")
-    if not isinstance(m.get("tool_call_id", ""), str):
-        raise InvalidRequest("message tool_call_id must be a string")
-    return m
-
-
-def tokenize(tokenizer, msg, treq=None, checkpoints: bool = False) -> list[int]:
-    """A gen's prompt as ids: the chat template (with the generation prompt)
-    applied to ``messages`` when present, with the tools of ``treq``
-    (tools.chat_messages), else ``text`` encoded (``special`` adds the
-    tokenizer's special tokens, such as BOS). With ``checkpoints``, a chat's
-    system prompt end goes to ``msg[SYSTEM_END]`` (prompt cache)."""
-    messages = msg.get("messages") or []
-    if messages:
-        if not isinstance(messages, list):
-            raise InvalidRequest("messages must be a list")
-        chat, kwargs = tools.chat_messages(tokenizer, [_check_message(m) for m in messages], treq)
-        if not getattr(tokenizer, "has_chat_template", False):
-            raise InvalidPrompt("the model has no chat template")
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                            **kwargs)
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        if checkpoints:
-            msg[SYSTEM_END] = system_end(tokenizer, chat, ids, **kwargs)
-    else:
-        text = msg.get("text", "")
-        if not isinstance(text, str):
-            raise InvalidRequest("text must be a string")
-        special = msg.get("special", False)
-        ids = tokenizer.encode(text, add_special_tokens=bool(special))
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    return [int(i) for i in ids]
-
-
-# -- main thread ---------------------------------------------------------------
-
-
-class Request:
-    __slots__ = ("p", "uid", "text", "ptoks", "ctoks", "sampler", "processors", "grammar",
-                 "calls", "carry", "fault", "tokens", "system_end", "cache", "cached", "kinds")
-
-    def __init__(self, p, text: TextStream, system_end: int = 0):
-        self.p = p
-        self.uid = None
-        self.text = text
-        self.tokens = p.prompt + p.resume  # what is prefilled
-        self.ptoks = len(self.tokens)
-        self.ctoks = 0
-        self.sampler = None
-        self.processors = []
-        self.system_end = system_end  # where a chat's system prompt ends (0: none)
-        self.cache = None  # the prompt cache's KV state for tokens[:cached]
-        self.cached = 0
-        self.kinds: list[str] = []  # the checkpoints still to store, in order
-        self.fault = None  # faults.Armed, only under KRSERVE_WORKER_FAULT
-        self.grammar: grammar.GrammarProcessor | None = None
-        self.calls: tools.CallStream | None = None  # splits tool calls out of the text
-        self.carry = ("", [])  # content and calls a resume found undelivered
-
-    @property
-    def cut_call(self) -> bool:
-        """The output ended inside a tool call that is not whole (``done``'s
-        ``cut_call``: the finish reason stays ``stop`` or ``length``)."""
-        return self.calls is not None and self.calls.cut
-
-    def output(self, text: str, final: bool = False) -> tuple[str, list]:
-        """The content and tool calls of a text delta (after stop strings)."""
-        if self.calls is None:
-            return text, []
-        content, calls = self.calls.feed(text, final)
-        if self.carry[0] or self.carry[1]:
-            content, calls = self.carry[0] + content, self.carry[1] + calls
-            self.carry = ("", [])
-        return content, calls
-
-    def system_key(self):
-        """Its system prompt's tokens when it will store a checkpoint there
-        (the cache did not hold it), else None: what new conversations of a
-        burst share (``Followers``)."""
-        if self.cached < self.system_end < len(self.tokens) - 1:
-            return tuple(self.tokens[:self.system_end])
-        return None
-
-    def checkpoints(self, prompt_end: bool) -> list[tuple[int, str]]:
-        """Where to store the KV state while prefilling, after what the cache
-        gave: the end of the system prompt, and with ``prompt_end`` the end of
-        the prompt but its last token."""
-        n, last = self.cached, len(self.tokens) - 1
-        out = []
-        if n < self.system_end < last:
-            out.append((self.system_end, "system"))
-        if prompt_end and n < last:
-            out.append((last, "user"))
-        return out
 
 
 class Worker:
@@ -1092,7 +680,7 @@ def main(argv, proto_in: int, proto_out: int) -> int:
         limits = device.apply_memory_limit(device.current(), args.device_share)
         budget = None
         if args.prompt_cache_bytes is None:  # the default: by the device, now known
-            budget = device_budget(model, args.device_share, _physical_memory())
+            budget = device_budget(model, args.device_share, device.physical_memory())
             args.prompt_cache_bytes = budget.bytes
     except Exception as e:
         return fatal(f"failed to load model from {args.model!r}: {type(e).__name__}: {e}",

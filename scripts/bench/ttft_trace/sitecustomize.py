@@ -71,7 +71,6 @@ if os.environ.get("KRSERVE_WORKER_TTFT_TRACE") == "1":
         for name in ("insert_pending", "checkpoint", "finish", "start_fast"):
             if hasattr(w.Worker, name):
                 _timed(w.Worker, name, name)
-        _timed(w.Reader, "tokenize", "reader.tokenize")
 
     def _hook(name, *a, **k):
         m = _import(name, *a, **k)
@@ -80,9 +79,13 @@ if os.environ.get("KRSERVE_WORKER_TTFT_TRACE") == "1":
             _done.add("g")
             _patch_generate(g)
         w = sys.modules.get("krserve_worker.worker")
-        if "w" not in _done and w is not None and hasattr(w, "Worker") and hasattr(w, "Reader"):
+        if "w" not in _done and w is not None and hasattr(w, "Worker"):
             _done.add("w")
             _patch_worker(w)
+        r = sys.modules.get("krserve_worker.reader")
+        if "r" not in _done and r is not None and hasattr(r, "Reader"):
+            _done.add("r")
+            _timed(r.Reader, "tokenize", "reader.tokenize")
         return m
 
     builtins.__import__ = _hook
