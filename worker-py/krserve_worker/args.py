@@ -1,5 +1,5 @@
 """The worker's command line: its flags (``python -m krserve_worker --help``;
-a group of ranks adds its own, ``ranks.add_args``), checked, and the defaults
+``--group-size`` makes it a group of ranks, ``ranks.py``), checked, and the defaults
 that depend on the device (``--prefill-step``), decided once the model is
 loaded.
 """
@@ -41,9 +41,10 @@ def parse_args(argv):
                          "every model that may be loaded at once; default 1): the default --prompt-cache-bytes "
                          "is split among them, and on a CUDA GPU so is mlx's memory limit "
                          "(0.8 of the GPU's memory, its own default for one process)")
-    from . import ranks
-
-    ranks.add_args(ap)
+    ap.add_argument("--group-size", type=int, default=1,
+                    help="ranks this worker is split over (tensor parallel with mlx.distributed; "
+                         "krserve up sets each rank's MLX_RANK, MLX_HOSTFILE, KRSERVE_GROUP_ADDR and "
+                         "KRSERVE_GROUP_TOKEN)")
     args = ap.parse_args(argv)
     for name in ("max_batch", "prefill_batch", "prefill_step"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -72,13 +72,6 @@ class GroupError(Exception):
     """A group that cannot work (bad size, model that cannot be sharded)."""
 
 
-def add_args(ap) -> None:
-    ap.add_argument("--group-size", type=int, default=1,
-                    help="ranks this worker is split over (tensor parallel with mlx.distributed; "
-                         "krserve up sets each rank's MLX_RANK, MLX_HOSTFILE, KRSERVE_GROUP_ADDR and "
-                         "KRSERVE_GROUP_TOKEN)")
-
-
 def _model_config(model_dir: str) -> dict:
     try:
         with open(os.path.join(model_dir, "config.json")) as f:
