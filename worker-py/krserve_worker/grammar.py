@@ -23,9 +23,11 @@ Who does what:
   the matchers advanced in a loop, every bitmask filled by one llguidance
   call (its thread pool, without the GIL), one mask op over the constrained
   rows.
-  Both keep the mask off the critical path: the step's forward pass is
-  submitted (``mx.async_eval``) before the host waits for the sampled token,
-  so the matchers and the bitmasks are computed while the model runs. Once a
+  Both keep the mask off the critical path on a GPU: the step's forward pass
+  is submitted (``mx.async_eval``) before the host waits for the sampled
+  token, so the matchers and the bitmasks are computed while the model runs.
+  (MLX's CPU backend returns from ``async_eval`` of a forward pass only near
+  its end, so on the CPU they follow it: docs/benchmarks.md.) Once a
   grammar is complete llguidance allows only EOS.
 
 Masks. llguidance writes a bitmask (bit ``i % 32`` of int32 word ``i // 32``
