@@ -131,13 +131,14 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	if _, err := responseFormat(b.responseFormat); err != nil {
+	rf, err := responseFormat(b.responseFormat)
+	if err != nil {
 		return err
 	}
 	switch b.scenario {
 	case "questions":
 	case "multi-turn":
-		return runMultiTurn(ctx, b, stdout, stderr)
+		return runMultiTurn(ctx, b, rf, stdout, stderr)
 	default:
 		return fmt.Errorf("bench: --scenario must be questions or multi-turn; got %q", b.scenario)
 	}
@@ -175,10 +176,7 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 			IgnoreEOS:   b.ignoreEOS,
 			ServerCPU:   true,
 		}
-		cfg.ResponseFormat, err = responseFormat(b.responseFormat)
-		if err != nil {
-			return err
-		}
+		cfg.ResponseFormat = rf
 		if seedSet {
 			s := b.seed
 			cfg.Seed = &s
@@ -231,7 +229,7 @@ func runBench(ctx context.Context, b benchFlags, seedSet bool, stdout, stderr io
 	return nil
 }
 
-func runMultiTurn(ctx context.Context, b benchFlags, stdout, stderr io.Writer) error {
+func runMultiTurn(ctx context.Context, b benchFlags, rf json.RawMessage, stdout, stderr io.Writer) error {
 	if b.from != "" || b.compare != "" {
 		return errors.New("bench: --from and --compare are for the questions scenario")
 	}
@@ -249,7 +247,7 @@ func runMultiTurn(ctx context.Context, b benchFlags, stdout, stderr io.Writer) e
 		Conversations: b.conversations, Turns: b.turns, SystemWords: b.systemWords, PrefixWords: b.prefixWords,
 		UserWords: b.userWords, Seed: uint64(b.seed), ThinkTime: b.thinkTime,
 	}
-	cfg.ResponseFormat, _ = responseFormat(b.responseFormat) // checked by runBench
+	cfg.ResponseFormat = rf
 	if !b.noProgress {
 		cfg.Progress = stderr
 	}
