@@ -1,5 +1,8 @@
 #!/bin/bash
-# Device-side driver for the GPU runs (prompt cache multi-turn, routing, grammar cost).
+# Device-side driver for the GPU runs (prompt cache multi-turn, routing, grammar cost),
+# run through the device tool from the repository root: bash scripts/gpu/dev.sh STAGE.
+# The wheels and split mlx-cuda wheel it joins are carried in the git-ignored .gpu/
+# (p1, p2, whl, bin: see docs/gpu.md); docs/data/h200-*/ name the calls of each lease.
 #   dev.sh one                  keep p1 + wheels in /tmp/keep, env report, 3B model (torch)
 #   dev.sh setup                join wheel (p1 kept + p2 carried), install into /tmp/site, checks
 #   dev.sh mt PASS CFG...       multi-turn runs; CFG in kr, kr0, mlx, mlxbig, krbig
@@ -81,6 +84,7 @@ setup)
     rm -rf $M.tmp && $PY scripts/gpu/make_3b_model.py $M.tmp --backend mlx && mv $M.tmp $M || { log "FAILED model"; exit 4; }
   fi
   free -b; gpu
+  $PY -c 'import mlx.core as mx; print(mx.device_info()); print(mx.__version__)'
   ;;
 mt)
   pass=$1; shift
@@ -96,12 +100,15 @@ mt)
       kr2ca)  cmd=($KR up --model $M --host 127.0.0.1 --port $port --workers 2 --log-level info --python $PY --batch-size 32 --routing cache-aware); model=default ;;
       kr2ll)  cmd=($KR up --model $M --host 127.0.0.1 --port $port --workers 2 --log-level info --python $PY --batch-size 32 --routing least-loaded); model=default ;;
       krx)    cmd=($KR up --model $M --host 127.0.0.1 --port $port --workers 1 --log-level info --python $PY --batch-size 32 ${KRX:-}); model=default ;;
+      krnc)   cmd=(env MLX_CUDA_USE_CUDNN_SDPA=0 MLX_CUDA_USE_CUDNN_SPDA=0 $KR up --model $M --host 127.0.0.1 --port $port --workers 1 --log-level info --python $PY --batch-size 32); model=default ;;
+      kr512)  cmd=($KR up --model $M --host 127.0.0.1 --port $port --workers 1 --log-level info --python $PY --batch-size 32 --prefill-step 512); model=default ;;
       krbig)  cmd=($KR up --model $M --host 127.0.0.1 --port $port --workers 1 --log-level info --python $PY --batch-size 32 --prompt-cache-bytes 42949672960); model=default ;;
       mlx)    cmd=($PY -m krserve_worker.blas mlx_lm server --model $M --host 127.0.0.1 --port $port --max-tokens 64 --temp 0 --decode-concurrency 32 --log-level WARNING); model=default_model ;;
       mlxbig) cmd=($PY -m krserve_worker.blas mlx_lm server --model $M --host 127.0.0.1 --port $port --max-tokens 64 --temp 0 --decode-concurrency 32 --log-level WARNING --prompt-concurrency 16 --prompt-cache-size 32); model=default_model ;;
     esac
     log "== $name: ${cmd[*]}"
     echo "${cmd[*]}" > $R/$name.cmd.txt
+    if [ -n "${TRACE:-}" ]; then export KRSERVE_WORKER_SITE=/tmp/site:$REPO/scripts/bench/ttft_trace KRSERVE_WORKER_TTFT_TRACE=1; else unset KRSERVE_WORKER_SITE KRSERVE_WORKER_TTFT_TRACE; fi
     (cd $REPO && PYTHONPATH=$REPO/worker-py exec "${cmd[@]}") > $R/$name.server.log 2>&1 &
     SRV=$!
     ok=0
