@@ -105,6 +105,7 @@ mt)
       krbig)  cmd=($KR up --model $M --host 127.0.0.1 --port $port --workers 1 --log-level info --python $PY --batch-size 32 --prompt-cache-bytes 42949672960); model=default ;;
       mlx)    cmd=($PY -m krserve_worker.blas mlx_lm server --model $M --host 127.0.0.1 --port $port --max-tokens 64 --temp 0 --decode-concurrency 32 --log-level WARNING); model=default_model ;;
       mlxbig) cmd=($PY -m krserve_worker.blas mlx_lm server --model $M --host 127.0.0.1 --port $port --max-tokens 64 --temp 0 --decode-concurrency 32 --log-level WARNING --prompt-concurrency 16 --prompt-cache-size 32); model=default_model ;;
+      *)      log "FAILED: no config $cfg (kr kr0 kr2ca kr2ll krx krnc kr512 krbig mlx mlxbig)"; continue ;;
     esac
     log "== $name: ${cmd[*]}"
     echo "${cmd[*]}" > $R/$name.cmd.txt
