@@ -45,18 +45,15 @@ reader thread calls (tokenizer only). mlx and mlx-lm are imported when a
 from __future__ import annotations
 
 import copy
-import sys
 from typing import NamedTuple
+
+from .log import log
 
 # One model per worker: the trie's model key.
 _MODEL = "model"
 # Entries kept at most (mlx_lm.server's --prompt-cache-size defaults to 10, too
 # few for a worker serving tens of conversations; the byte budget binds first).
 MAX_ENTRIES = 4096
-
-
-def log(*args) -> None:
-    print("krserve_worker:", *args, file=sys.stderr, flush=True)
 
 
 class Budget(NamedTuple):
