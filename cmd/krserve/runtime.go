@@ -215,12 +215,12 @@ func workerArgs(c upConfig, spec models.Spec, maxB, prefillBatch, share int) []s
 	// each sizes its default cache budget (and on a CUDA GPU mlx's memory
 	// limit) by their number.
 	args = append(args, "--device-share", strconv.Itoa(share))
-	switch {
-	case spec.GroupSize > 1: // not yet kept in step across a group's ranks: off
+	switch _, off := promptCacheSetting(c, spec); {
+	case off:
 		args = append(args, "--prompt-cache-bytes", "0")
-	case c.PromptCacheBytes >= 0: // as given, per worker (0: off)
+	case c.PromptCacheBytes > 0: // as given, per worker
 		args = append(args, "--prompt-cache-bytes", strconv.FormatInt(c.PromptCacheBytes, 10))
-	}
+	} // else each worker sizes it by its device
 	if spec.GroupSize > 1 {
 		args = append(args, "--group-size", strconv.Itoa(spec.GroupSize))
 	}
